@@ -1,0 +1,16 @@
+"""fastlayers: fused Triton layers behind drop-in nn.Modules, with a torch fallback.
+
+    import fastlayers
+    layer = fastlayers.LinearReLU(20, 256)   # nn.Linear + nn.ReLU, one fused kernel
+    fastlayers.backend_info()                # which path each device takes, and why
+"""
+from . import functional, ops  # noqa: F401  (ops: registers the custom ops)
+from ._backend import backend_info, get_backend, set_backend, use_backend  # noqa: F401
+from .layers import LazyLinearReLU, LinearReLU, MyLinear  # noqa: F401
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LinearReLU", "LazyLinearReLU", "MyLinear",
+    "functional", "backend_info", "get_backend", "set_backend", "use_backend",
+]

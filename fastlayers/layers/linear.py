@@ -1,0 +1,100 @@
+"""Fused Linear+ReLU modules: LinearReLU (nn.Linear's parameters), LazyLinearReLU, MyLinear."""
+import torch
+from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedParameter
+
+from .. import functional as F
+
+
+class LinearReLU(nn.Module):
+    """``nn.Sequential(nn.Linear(in, out), nn.ReLU())`` as one fused op.
+
+    Parameters, init, ``reset_parameters``, ``extra_repr`` and state_dict keys are exactly
+    nn.Linear's (``weight [out, in]``, ``bias [out]``), so a state_dict moves strictly both
+    ways. It is deliberately not an nn.Linear subclass: code that swaps or wraps every
+    ``nn.Linear`` it finds would otherwise drop the ReLU silently.
+
+    Args:
+        in_features, out_features: sizes of each input and output sample.
+        bias: learn an additive bias (default True). device, dtype: factory kwargs.
+    Input ``[..., in_features]`` -> output ``[..., out_features]``.
+    """
+
+    __constants__ = ["in_features", "out_features"]
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    reset_parameters = nn.Linear.reset_parameters
+    extra_repr = nn.Linear.extra_repr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear_relu(x, self.weight, self.bias)
+
+
+class LazyLinearReLU(LazyModuleMixin, LinearReLU):
+    """A :class:`LinearReLU` whose ``in_features`` is inferred from the first input, like
+    ``nn.LazyLinear`` (prints ``in_features=0`` until then; becomes a LinearReLU after).
+
+    Args: out_features, bias, device, dtype as in :class:`LinearReLU`.
+    """
+
+    cls_to_become = LinearReLU
+    weight: UninitializedParameter
+    bias: UninitializedParameter
+
+    def __init__(self, out_features: int, bias: bool = True, device=None, dtype=None):
+        factory = {"device": device, "dtype": dtype}
+        super().__init__(0, 0, False)
+        self.weight = UninitializedParameter(**factory)
+        self.out_features = out_features
+        if bias:
+            self.bias = UninitializedParameter(**factory)
+
+    def reset_parameters(self) -> None:
+        if not self.has_uninitialized_params() and self.in_features != 0:
+            LinearReLU.reset_parameters(self)
+
+    def initialize_parameters(self, x: torch.Tensor) -> None:
+        """Infer ``in_features`` from ``x.shape[-1]`` and initialise like nn.Linear."""
+        if self.has_uninitialized_params():
+            with torch.no_grad():
+                self.in_features = x.shape[-1]
+                self.weight.materialize((self.out_features, self.in_features))
+                if self.bias is not None:
+                    self.bias.materialize((self.out_features,))
+                self.reset_parameters()
+
+
+class MyLinear(nn.Module):
+    """The seed's ``MyLinear``: ``relu(X @ weight + bias)`` with ``weight [in_units, units]``
+    and ``bias [units]``, both ``randn``-initialised, fused into one kernel.
+
+    Unlike the seed (which uses ``.data`` in forward and so blocks autograd), gradients
+    reach ``weight`` and ``bias``.
+
+    Args: in_units, units: input and output sizes. device, dtype: factory kwargs.
+    """
+
+    def __init__(self, in_units: int, units: int, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.randn(in_units, units, **factory))
+        self.bias = nn.Parameter(torch.randn(units, **factory))
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return F.linear_relu(X, self.weight.t(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_units={self.weight.shape[0]}, units={self.weight.shape[1]}"

@@ -1,0 +1,107 @@
+"""Linear + bias + ReLU: custom ops ``fastlayers::linear_relu_{fwd,bwd_input,bwd_params}``
+and :class:`LinearReLUFunction` (2-D input; the functional wrapper flattens leading dims)."""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._backend import use_triton
+from ._dispatch import call, needs_grad
+
+try:
+    from fastlayers.kernels import linear_relu as kernels
+except ImportError:  # no triton: use_triton() is then always False
+    kernels = None
+
+
+def _fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], fp32_mode: str) -> Tensor:
+    if use_triton(x):
+        return kernels.linear_relu_fwd(x, weight, bias, fp32_mode)
+    return reference.linear_relu(x, weight, bias)
+
+
+def _bwd_input(grad_out: Tensor, out: Tensor, weight: Tensor, fp32_mode: str) -> Tensor:
+    if use_triton(grad_out):
+        return kernels.linear_relu_bwd_input(grad_out, out, weight, fp32_mode)
+    return reference.linear_relu_bwd_input(grad_out, out, weight)
+
+
+def _bwd_params(grad_out: Tensor, out: Tensor, x: Tensor, fp32_mode: str) -> Tuple[Tensor, Tensor]:
+    if use_triton(grad_out):
+        return kernels.linear_relu_bwd_params(grad_out, out, x, fp32_mode)
+    return reference.linear_relu_bwd_params(grad_out, out, x)
+
+
+fwd_op = torch.library.custom_op("fastlayers::linear_relu_fwd", _fwd, mutates_args=())
+bwd_input_op = torch.library.custom_op("fastlayers::linear_relu_bwd_input", _bwd_input,
+                                       mutates_args=())
+bwd_params_op = torch.library.custom_op("fastlayers::linear_relu_bwd_params", _bwd_params,
+                                        mutates_args=())
+
+
+@fwd_op.register_fake
+def _(x, weight, bias, fp32_mode):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@bwd_input_op.register_fake
+def _(grad_out, out, weight, fp32_mode):
+    return grad_out.new_empty((grad_out.shape[0], weight.shape[1]))
+
+
+@bwd_params_op.register_fake
+def _(grad_out, out, x, fp32_mode):
+    return grad_out.new_empty((grad_out.shape[1], x.shape[1])), grad_out.new_empty(grad_out.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    """Save only what backward needs: the output always (its sign is the ReLU mask),
+    x only if weight needs a gradient, weight only if x does."""
+    x, weight, _bias, fp32_mode = inputs
+    need_x, need_w = ctx.needs_input_grad[:2]
+    ctx.fp32_mode = fp32_mode
+    ctx.save_for_backward(x if need_w else None, weight if need_x else None, output)
+
+
+def _backward(ctx, grad_out):
+    x, weight, out = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        grad_x = call(bwd_input_op, _bwd_input, grad_out, out, weight, ctx.fp32_mode)
+    if need_w:
+        grad_w, grad_b = call(bwd_params_op, _bwd_params, grad_out, out, x, ctx.fp32_mode)
+    elif need_b:  # frozen weight, trainable bias: a plain reduction
+        grad_b = reference.relu_grad(grad_out, out).sum(0)
+    return grad_x, grad_w, grad_b if need_b else None, None
+
+
+class LinearReLUFunction(torch.autograd.Function):
+    """y = relu(x @ weight.T + bias) for x [M, K], weight [N, K], bias [N] or None.
+
+    forward takes ``ctx`` (no separate setup_context): torch binds arguments through
+    ``inspect.signature`` on every call of a setup_context-style Function, which costs more
+    than a small layer's whole forward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, fp32_mode):
+        out = call(fwd_op, _fwd, x, weight, bias, fp32_mode)
+        _setup_context(ctx, (x, weight, bias, fp32_mode), out)
+        return out
+
+    backward = staticmethod(_backward)
+
+
+# The forward op is differentiable on its own too (torch.ops.fastlayers.linear_relu_fwd),
+# with the same formula as the autograd Function.
+fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], fp32_mode: str) -> Tensor:
+    """2-D entry point: through autograd when a gradient is needed, else the forward alone."""
+    if needs_grad(x, weight, bias):
+        return LinearReLUFunction.apply(x, weight, bias, fp32_mode)
+    return call(fwd_op, _fwd, x, weight, bias, fp32_mode)
+

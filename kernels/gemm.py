@@ -1,0 +1,190 @@
+"""One GEMM with a fused prologue and epilogue, shared by every matmul op in fastlayers.
+
+    C[m, n] = epilogue( sum_k A'[m, k] * B[k, n] )
+    A'      = A where GATE > 0 else 0        (optional "gate": the ReLU mask of a backward)
+    epilogue(acc) = relu?(acc + bias[n] + scalar), rounded once to C's dtype
+    ROWSUM[m]     = sum_k A'[m, k]           (optional; the bias gradient of a backward)
+
+Linear+ReLU forward is (x, W^T, bias, relu); its backward is (dy gated by y, W) for the
+input gradient and (dy^T gated by y^T, x, rowsum) for the weight and bias gradients; the
+fixed-hidden matmul is (x, W, scalar=c, relu). Operands may have any strides (stride 0
+included); offsets are 64-bit. Accumulation is fp32 for every dtype.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .runtime import device_guard, dot_precision, interpreting
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Pruned per call by shared memory
+# use, so the fp32 and 16-bit cases each keep the ones that fit on a Hopper SM.
+_CONFIGS = [
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (128, 128, 32, 8, 4),
+    (128, 64, 32, 4, 4),
+    (64, 64, 32, 4, 3),
+    (256, 64, 64, 8, 3),
+    (32, 64, 128, 4, 4),
+    (16, 64, 128, 4, 3),
+]
+_SMEM_BYTES = 220 * 1024
+# One fixed config under the interpreter (autotune cannot run there); 32 keeps test
+# shapes small while still exercising partial tiles and several programs per axis.
+INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
+
+
+def _prune(configs, named_args, **kwargs):
+    elsize = named_args["a_ptr"].element_size()
+    k = named_args["K"]
+    m_bucket = named_args["M_BUCKET"]
+    keep = []
+    for cfg in configs:
+        bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+        smem = cfg.num_stages * (bm * bk + bk * bn) * elsize
+        if smem > _SMEM_BYTES:
+            continue
+        if bk > max(32, triton.next_power_of_2(k)) or bm > max(16, 2 * m_bucket):
+            continue
+        keep.append(cfg)
+    return keep or configs[-1:]
+
+
+@triton.jit
+def _fused_gemm_kernel(
+    a_ptr, b_ptr, gate_ptr, bias_ptr, c_ptr, rowsum_ptr,
+    M, N, K, M_BUCKET,
+    stride_am, stride_ak, stride_bk, stride_bn,
+    stride_gm, stride_gk, stride_cm, stride_cn,
+    scalar,
+    HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALAR: tl.constexpr,
+    RELU: tl.constexpr, ROWSUM: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M row-tiles share each column tile while it is in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+    g_ptrs = gate_ptr + rm[:, None] * stride_gm + rk[None, :] * stride_gk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = rk < K - k * BLOCK_K
+        a_mask = m_ok[:, None] & k_ok[None, :]
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter holds 16-bit floats as raw integers
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if HAS_GATE:
+            g = tl.load(g_ptrs, mask=a_mask, other=0.0)
+            if UPCAST:
+                g = g.to(tl.float32)
+            a = tl.where(g <= 0, tl.zeros_like(a), a)  # torch's threshold_backward
+            g_ptrs += BLOCK_K * stride_gk
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if ROWSUM:
+            rsum += tl.sum(a.to(tl.float32), axis=1)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+    if HAS_SCALAR:
+        acc += scalar
+    if RELU:
+        acc = tl.where(acc < 0, 0.0, acc)  # keeps NaN, like torch.relu
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    if ROWSUM:
+        if pid_n == 0:
+            tl.store(rowsum_ptr + rm, rsum.to(rowsum_ptr.dtype.element_ty), mask=m_ok)
+
+
+_KEY = ["M_BUCKET", "N", "K", "HAS_GATE", "HAS_BIAS", "RELU", "ROWSUM", "PRECISION"]
+_fused_gemm_autotuned = triton.autotune(
+    configs=[
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in _CONFIGS
+    ],
+    key=_KEY,
+    prune_configs_by={"early_config_prune": _prune},
+)(_fused_gemm_kernel)
+
+
+def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=False,
+               fp32_mode="ieee"):
+    """Launch the fused GEMM.
+
+    a: [M, K] and b: [K, N], same float dtype (fp32, fp16 or bf16), same device, any strides.
+    gate: optional [M, K]; A is zeroed where gate <= 0 (NaN gates pass, as in torch).
+    bias: optional [N] of a's dtype, added in fp32. scalar: optional Python float added in fp32.
+    relu: clamp negatives to 0 after the adds (NaN stays NaN, like torch.relu).
+    rowsum: also return sum_k A'[m, k] (fp32 accumulation, rounded to a's dtype).
+    fp32_mode: "ieee" (fp32-accurate, 3xTF32) or "tf32", used only for fp32 operands.
+    Returns C [M, N] contiguous in a's dtype, or (C, rowsum [M]) when rowsum is True.
+    """
+    M, K = a.shape
+    N = b.shape[1]
+    c = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    rs = torch.empty((M,), device=a.device, dtype=a.dtype) if rowsum else None
+    if M == 0 or N == 0 or K == 0:
+        _degenerate(c, rs, bias, scalar, relu)
+        return (c, rs) if rowsum else c
+    gate_t = gate if gate is not None else a
+    args = (
+        a, b, gate_t, bias if bias is not None else c, c, rs if rowsum else c,
+        M, N, K, triton.next_power_of_2(M),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        gate_t.stride(0), gate_t.stride(1), c.stride(0), c.stride(1),
+        0.0 if scalar is None else float(scalar),
+    )
+    flags = dict(
+        HAS_GATE=gate is not None, HAS_BIAS=bias is not None, HAS_SCALAR=scalar is not None,
+        RELU=relu, ROWSUM=rowsum, PRECISION=dot_precision(a.dtype, fp32_mode),
+    )
+    if interpreting():
+        cfg = INTERPRETER_CONFIG
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        _fused_gemm_kernel[grid](*args, **flags, UPCAST=a.dtype != torch.float32, **cfg)
+    else:
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        with device_guard(a):
+            _fused_gemm_autotuned[grid](*args, **flags, UPCAST=False)
+    return (c, rs) if rowsum else c
+
+
+def _degenerate(c, rs, bias, scalar, relu):
+    """Fill outputs of an empty GEMM (M, N or K is 0) without launching a kernel."""
+    acc = torch.zeros(c.shape, device=c.device, dtype=torch.float32)
+    if bias is not None:
+        acc += bias.float()
+    if scalar is not None:
+        acc += scalar
+    if relu:
+        acc = torch.where(acc < 0, 0.0, acc)
+    c.copy_(acc)
+    if rs is not None:
+        rs.zero_()

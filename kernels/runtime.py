@@ -1,0 +1,51 @@
+"""Facts about how Triton will run here, shared by every launcher."""
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@functools.lru_cache(maxsize=None)
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs, "runtime"):
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    """Number of streaming multiprocessors of a CUDA device (1 under the interpreter)."""
+    if interpreting() or not torch.cuda.is_available():
+        return 1
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def dot_precision(dtype: torch.dtype, fp32_mode: str) -> str:
+    """The ``tl.dot`` input precision for operands of ``dtype``.
+
+    fp32_mode: ``"ieee"`` (fp32-accurate: computed as 3xTF32 on tensor cores) or
+    ``"tf32"`` (one TF32 product, ~1e-3 relative error). 16-bit operands always multiply
+    exactly on tensor cores with fp32 accumulation, so the mode does not apply to them.
+    """
+    if dtype != torch.float32:
+        return "tf32"
+    if fp32_mode == "ieee":
+        return "tf32x3"
+    if fp32_mode == "tf32":
+        return "tf32"
+    raise ValueError(f"fp32 matmul mode must be 'ieee' or 'tf32', got {fp32_mode!r}")
+
+
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s CUDA device current for a launch (Triton launches on the current one)."""
+    if t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

@@ -1,0 +1,43 @@
+"""Test setup: Triton's interpreter on machines without a GPU, shared fixtures.
+
+Without CUDA, ``TRITON_INTERPRET=1`` is set before anything imports triton, so the
+kernel tests run the real Triton kernels on CPU tensors. With CUDA they run on the GPU.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastlayers  # noqa: E402  (after TRITON_INTERPRET is set)
+from fastlayers import _backend  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = _backend.TRITON_ERROR is None
+KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
+requires_triton = pytest.mark.skipif(
+    not HAS_TRITON, reason=f"triton is not installed here ({_backend.TRITON_ERROR})")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU (run bench/gpu_check.sh on one)")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request):
+    """Run the test through the Triton kernels (interpreter on CPU) and the torch fallback.
+    Yields the device the test should put its tensors on."""
+    if request.param == "triton" and not HAS_TRITON:
+        pytest.skip(f"triton is not installed here ({_backend.TRITON_ERROR})")
+    with fastlayers.use_backend(request.param):
+        yield KERNEL_DEVICE if request.param == "triton" else ("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
