@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import device_guard, dot_precision, interpreting
+from .runtime import autotuning, device_guard, dot_precision, interpreting
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Pruned per call by shared memory
 # use, so the fp32 and 16-bit cases each keep the ones that fit on a Hopper SM.
@@ -37,6 +37,21 @@ _SMEM_BYTES = 220 * 1024
 # One fixed config under the interpreter (autotune cannot run there); 32 keeps test
 # shapes small while still exercising partial tiles and several programs per axis.
 INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
+
+
+def heuristic_config(M: int, N: int, K: int, elsize: int) -> dict:
+    """A good launch config for a Hopper-class GPU without autotuning (the default: no
+    tuning pause on each new shape). Set FASTLAYERS_AUTOTUNE=1 to search _CONFIGS instead."""
+    bk = 64 if elsize == 2 else 32
+    if M <= 64:  # skinny: one row-tile, long K steps
+        bm = max(16, triton.next_power_of_2(M))
+        return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=2 * bk, GROUP_M=8, num_warps=4, num_stages=3)
+    if N <= 64 or K <= 64:  # memory-bound: small tiles, many programs in flight per SM
+        return dict(BLOCK_M=128, BLOCK_N=max(32, min(64, triton.next_power_of_2(N))), BLOCK_K=bk,
+                    GROUP_M=8, num_warps=4, num_stages=3)
+    if elsize == 2 and N >= 256:
+        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -168,11 +183,16 @@ def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=Fa
         cfg = INTERPRETER_CONFIG
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         _fused_gemm_kernel[grid](*args, **flags, UPCAST=a.dtype != torch.float32, **cfg)
-    else:
+    elif autotuning():
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
         with device_guard(a):
             _fused_gemm_autotuned[grid](*args, **flags, UPCAST=False)
+    else:
+        cfg = heuristic_config(M, N, K, a.element_size())
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+        with device_guard(a):
+            _fused_gemm_kernel[grid](*args, **flags, UPCAST=False, **cfg)
     return (c, rs) if rowsum else c
 
 

@@ -17,6 +17,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def autotuning() -> bool:
+    """True when ``FASTLAYERS_AUTOTUNE=1``: launchers search their config lists per shape
+    (a pause of seconds on each new shape) instead of using their built-in heuristics."""
+    return os.environ.get("FASTLAYERS_AUTOTUNE", "0") not in ("", "0")
+
+
 @functools.lru_cache(maxsize=None)
 def sm_count(device_index: int) -> int:
     """Number of streaming multiprocessors of a CUDA device (1 under the interpreter)."""

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The project's GPU check: CUDA tests, then the benchmark suite, then a compact table.
+# Run from the repository root on a machine with a CUDA GPU (torch + triton installed):
+#     bash bench/gpu_check.sh            # full JSON, logs and plot under $OUT (default /tmp/fastlayers-gpu)
+# Budget: about 6 minutes on an H200 (GPU_CHECK_TEST_S / GPU_CHECK_BENCH_S cap each phase).
+set -uo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-/tmp/fastlayers-gpu}
+SITE=${SITE:-/tmp/fastlayers-site}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+status=0
+t0=$(date +%s)
+stamp() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*"; }
+
+stamp "install fastlayers into $SITE (no deps, no network)"
+rm -rf "$SITE"
+python3 -m pip install -q --no-deps --no-build-isolation --no-index --target "$SITE" "$REPO" \
+    >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 2; }
+# Run from outside the checkout so `import fastlayers` is the installed package (with kernels).
+cd /tmp
+export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+python3 - <<'PY' | tee "$OUT/env.txt"
+import json, torch, fastlayers
+info = fastlayers.backend_info()
+print(json.dumps(info, indent=1))
+assert info["devices"]["cuda"]["path"] == "triton", "CUDA tensors would not run the Triton kernels"
+PY
+[ $? -eq 0 ] || exit 3
+
+stamp "tests (all of tests/, kernels on the GPU)"
+XDIST=""
+python3 -c "import xdist" 2>/dev/null && XDIST="-n ${GPU_CHECK_WORKERS:-8}"
+timeout "${GPU_CHECK_TEST_S:-200}" python3 -m pytest "$REPO/tests" -q -p no:cacheprovider $XDIST \
+    -o addopts="" -rfEs --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
+rc=$?
+tail -n 25 "$OUT/tests.log"
+[ $rc -eq 0 ] || { status=1; stamp "TESTS FAILED (rc=$rc)"; }
+
+stamp "benchmarks"
+timeout "${GPU_CHECK_BENCH_S:-300}" python3 -m pytest "$REPO/bench" -q -p no:cacheprovider \
+    --benchmark-only --benchmark-json="$OUT/bench.json" ${GPU_CHECK_BENCH_ARGS:-} \
+    >"$OUT/bench.log" 2>&1
+rc=$?
+grep -E "passed|failed|error" "$OUT/bench.log" | tail -n 5
+[ $rc -eq 0 ] || { status=1; stamp "BENCHMARKS FAILED (rc=$rc)"; grep -E "^(E |FAILED)" "$OUT/bench.log" | head -n 20; }
+
+stamp "fp32 accuracy (relative error vs float64)"
+python3 -m bench.accuracy | tee "$OUT/accuracy.txt"
+
+stamp "report"
+python3 -m bench.report "$OUT/bench.json" --png "$OUT/bench.png" | tee "$OUT/report.txt"
+stamp "done (status $status)"
+exit $status
