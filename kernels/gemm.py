@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import autotuning, device_guard, dot_precision, interpreting
+from . import gemm_tma
+from .runtime import autotuning, device_guard, dot_precision, interpreting, sm_count
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Pruned per call by shared memory
 # use, so the fp32 and 16-bit cases each keep the ones that fit on a Hopper SM.
@@ -149,7 +150,7 @@ _fused_gemm_autotuned = triton.autotune(
 
 
 def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=False,
-               fp32_mode="ieee"):
+               fp32_mode="ieee", path="auto"):
     """Launch the fused GEMM.
 
     a: [M, K] and b: [K, N], same float dtype (fp32, fp16 or bf16), same device, any strides.
@@ -158,6 +159,8 @@ def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=Fa
     relu: clamp negatives to 0 after the adds (NaN stays NaN, like torch.relu).
     rowsum: also return sum_k A'[m, k] (fp32 accumulation, rounded to a's dtype).
     fp32_mode: "ieee" (fp32-accurate, 3xTF32) or "tf32", used only for fp32 operands.
+    path: "auto" (the persistent TMA kernel on a GPU when the operands allow it, else the
+    pointer kernel), "tma" or "pointer" (forced; for tests and A/B runs).
     Returns C [M, N] contiguous in a's dtype, or (C, rowsum [M]) when rowsum is True.
     """
     M, K = a.shape
@@ -179,7 +182,20 @@ def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=Fa
         HAS_GATE=gate is not None, HAS_BIAS=bias is not None, HAS_SCALAR=scalar is not None,
         RELU=relu, ROWSUM=rowsum, PRECISION=dot_precision(a.dtype, fp32_mode),
     )
-    if interpreting():
+    if path == "tma" and not gemm_tma.eligible(a, b, gate):
+        raise ValueError("fused_gemm: path='tma' needs 16-byte aligned operands with a "
+                         "unit-stride dim (see kernels.gemm_tma.eligible)")
+    use_tma = path == "tma" or (path == "auto" and not interpreting() and not autotuning()
+                                and a.is_cuda and gemm_tma.eligible(a, b, gate))
+    if use_tma:
+        cfg = INTERPRETER_CONFIG if interpreting() else heuristic_config(M, N, K, a.element_size())
+        cfg = dict(cfg, GROUP_M=cfg.get("GROUP_M", 8))
+        per_sm = 2 if cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 128 * 64 else 1
+        with device_guard(a):
+            gemm_tma.launch(a, b, gate, bias, c, rs, scalar,
+                            dict(flags, UPCAST=interpreting() and a.dtype != torch.float32),
+                            cfg, per_sm * sm_count(a.device.index or 0) if a.is_cuda else 4)
+    elif interpreting():
         cfg = INTERPRETER_CONFIG
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         _fused_gemm_kernel[grid](*args, **flags, UPCAST=a.dtype != torch.float32, **cfg)

@@ -1,0 +1,108 @@
+"""The shared fused GEMM kernel (kernels/gemm.py, kernels/gemm_tma.py) on its own: both
+kernels, every operand layout, every prologue/epilogue flag, against float64."""
+import pytest
+import torch
+
+from _util import assert_close_to_ref, randn
+from conftest import HAS_TRITON, KERNEL_DEVICE
+
+if HAS_TRITON:
+    from fastlayers.kernels.gemm import INTERPRETER_CONFIG, fused_gemm, heuristic_config
+    from fastlayers.kernels.gemm_tma import eligible
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed here")
+
+BLOCK = 32  # the interpreter's tile; on a GPU these shapes still straddle tile edges
+
+
+def operand(rows, cols, transposed, dtype, scale=1.0):
+    """A [rows, cols] operand, stored row-major or as the transpose of a [cols, rows] one."""
+    if transposed:
+        return randn(cols, rows, dtype=dtype, device=KERNEL_DEVICE, scale=scale).t()
+    return randn(rows, cols, dtype=dtype, device=KERNEL_DEVICE, scale=scale)
+
+
+def ref_gemm(a, b, gate=None, bias=None, scalar=None, relu=False):
+    a64 = a.double()
+    if gate is not None:
+        a64 = torch.where(gate.double() <= 0, 0.0, a64)
+    c = a64 @ b.double()
+    if bias is not None:
+        c = c + bias.double()
+    if scalar is not None:
+        c = c + scalar
+    return (torch.relu(c) if relu else c), a64.sum(1)
+
+
+@pytest.mark.parametrize("path", ["pointer", "tma"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("a_t, b_t", [(False, False), (False, True), (True, False), (True, True)])
+@pytest.mark.parametrize("shape", [(BLOCK + 8, BLOCK + 16, BLOCK + 8), (BLOCK, 2 * BLOCK, BLOCK),
+                                   (8, 16, 8)])
+def test_all_flags_and_layouts(path, dtype, a_t, b_t, shape):
+    M, K, N = shape
+    a = operand(M, K, a_t, dtype)
+    b = operand(K, N, b_t, dtype, scale=K ** -0.5)
+    gate = operand(M, K, a_t, dtype)
+    bias = randn(N, dtype=dtype, device=KERNEL_DEVICE)
+    if path == "tma" and not eligible(a, b, gate):
+        pytest.skip("layout not TMA-eligible (checked in test_tma_eligibility)")
+    c, rs = fused_gemm(a, b, gate=gate, bias=bias, scalar=0.75, relu=True, rowsum=True, path=path)
+    ref_c, ref_rs = ref_gemm(a, b, gate, bias, 0.75, relu=True)
+    assert c.shape == (M, N) and c.dtype == dtype and c.is_contiguous()
+    assert_close_to_ref(c, ref_c, dtype, what="C")
+    assert_close_to_ref(rs, ref_rs, dtype, what="rowsum")
+
+
+@pytest.mark.parametrize("path", ["pointer", "tma"])
+def test_plain_gemm_without_flags(path):
+    a = operand(BLOCK + 3, BLOCK * 3 + 7, False, torch.float32)
+    b = operand(BLOCK * 3 + 7, 2 * BLOCK + 5, False, torch.float32)
+    if path == "tma" and not eligible(a, b, None):
+        # 71 fp32 columns are 284-byte rows: not 16-byte aligned, so TMA refuses them
+        with pytest.raises(ValueError, match="16-byte aligned"):
+            fused_gemm(a, b, path=path)
+        return
+    assert_close_to_ref(fused_gemm(a, b, path=path), a.double() @ b.double())
+
+
+def test_tma_eligibility():
+    f32 = torch.float32
+    assert eligible(operand(8, 16, False, f32), operand(16, 8, False, f32), None)
+    assert not eligible(operand(8, 15, False, f32), operand(15, 8, False, f32), None)  # 60 B rows
+    bf = torch.bfloat16
+    assert not eligible(operand(8, 20, False, bf), operand(20, 8, True, bf), None)    # 40 B rows
+    a = operand(8, 16, False, f32)
+    assert not eligible(a, operand(16, 8, False, f32), operand(8, 16, True, f32))  # gate layout
+    assert not eligible(a, operand(16, 8, False, f32).expand(16, 8)[:, :1].expand(16, 8), None)
+
+
+@pytest.mark.parametrize("M, K, N", [(0, 5, 3), (4, 0, 3), (4, 5, 0)])
+def test_degenerate_shapes_launch_nothing_and_are_right(M, K, N):
+    a = operand(M, K, False, torch.float32)
+    b = operand(K, N, False, torch.float32)
+    bias = randn(N, device=KERNEL_DEVICE)
+    c, rs = fused_gemm(a, b, bias=bias, scalar=-0.5, relu=True, rowsum=True)
+    ref_c, _ = ref_gemm(a, b, bias=bias, scalar=-0.5, relu=True)
+    assert c.shape == (M, N) and rs.shape == (M,)
+    torch.testing.assert_close(c.double().cpu(), ref_c.cpu())
+    assert torch.all(rs == 0)
+
+
+def test_stride_zero_operand():
+    """An expanded (stride 0) operand, as autograd hands over from .sum()."""
+    a = torch.ones(1, 1, device=KERNEL_DEVICE).expand(BLOCK + 5, BLOCK + 1)
+    b = operand(BLOCK + 1, 9, False, torch.float32)
+    assert not eligible(a, b, None)
+    assert_close_to_ref(fused_gemm(a, b), a.double() @ b.double())
+
+
+def test_heuristic_configs_fit_shared_memory():
+    for M, N, K in [(8192, 4096, 4096), (65536, 256, 256), (262144, 64, 64), (2, 8, 64),
+                    (1, 1, 1), (100, 3, 1000)]:
+        for elsize in (2, 4):
+            cfg = heuristic_config(M, N, K, elsize)
+            smem = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elsize
+            assert smem <= 227 * 1024, (M, N, K, elsize, cfg)
+            assert min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) >= 16
+    assert INTERPRETER_CONFIG["BLOCK_M"] == BLOCK
