@@ -62,3 +62,21 @@ def test_linear_relu(record, shape, dtype, pass_, variant):
     record(make, op="linear_relu", variant=variant, pass_=pass_, dtype=dtype, shape=shape,
            flops=flops, nbytes=_bytes(M, K, N, torch.empty((), dtype=dtype).element_size(),
                                       backward))
+
+
+@pytest.mark.parametrize("variant", ["fastlayers", "eager"])
+def test_linear_relu_module_2x64x8(record, variant):
+    """Host overhead of one module call, the issue's CPU goal: fastlayers.LinearReLU vs
+    nn.Linear followed by nn.ReLU (module calls, not functional ones)."""
+    import fastlayers
+
+    def make(i):
+        x = torch.randn(2, 64, device=DEVICE)
+        if variant == "fastlayers":
+            layer = fastlayers.LinearReLU(64, 8, device=DEVICE)
+            return lambda: layer(x)
+        lin, act = torch.nn.Linear(64, 8, device=DEVICE), torch.nn.ReLU()
+        return lambda: act(lin(x))
+
+    record(make, op="linear_relu_module", variant=variant, pass_="fwd", dtype=torch.float32,
+           shape=(2, 64, 8), flops=2 * 2 * 64 * 8, nbytes=(2 * 64 + 8 * 64 + 8 + 2 * 8) * 4)

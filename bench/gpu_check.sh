@@ -31,7 +31,9 @@ PY
 stamp "tests (all of tests/, kernels on the GPU)"
 XDIST=""
 python3 -c "import xdist" 2>/dev/null && XDIST="-n ${GPU_CHECK_WORKERS:-8}"
-timeout "${GPU_CHECK_TEST_S:-200}" python3 -m pytest "$REPO/tests" -q -p no:cacheprovider $XDIST \
+TIMEOUT=""  # a hung kernel fails its test instead of eating the whole phase
+python3 -c "import pytest_timeout" 2>/dev/null && TIMEOUT="--timeout=${GPU_CHECK_CASE_S:-120}"
+timeout "${GPU_CHECK_TEST_S:-200}" python3 -m pytest "$REPO/tests" -q -p no:cacheprovider $XDIST $TIMEOUT \
     -o addopts="" -rfEs --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
 rc=$?
 tail -n 25 "$OUT/tests.log"
@@ -39,7 +41,7 @@ tail -n 25 "$OUT/tests.log"
 
 stamp "benchmarks"
 timeout "${GPU_CHECK_BENCH_S:-300}" python3 -m pytest "$REPO/bench" -q -p no:cacheprovider \
-    --benchmark-only --benchmark-json="$OUT/bench.json" ${GPU_CHECK_BENCH_ARGS:-} \
+    --benchmark-only --benchmark-json="$OUT/bench.json" $TIMEOUT ${GPU_CHECK_BENCH_ARGS:-} \
     >"$OUT/bench.log" 2>&1
 rc=$?
 grep -E "passed|failed|error" "$OUT/bench.log" | tail -n 5

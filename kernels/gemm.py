@@ -38,6 +38,7 @@ _SMEM_BYTES = 220 * 1024
 # One fixed config under the interpreter (autotune cannot run there); 32 keeps test
 # shapes small while still exercising partial tiles and several programs per axis.
 INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
+TMA_MIN_OUTPUTS = 1 << 16
 
 
 def heuristic_config(M: int, N: int, K: int, elsize: int) -> dict:
@@ -185,8 +186,10 @@ def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=Fa
     if path == "tma" and not gemm_tma.eligible(a, b, gate):
         raise ValueError("fused_gemm: path='tma' needs 16-byte aligned operands with a "
                          "unit-stride dim (see kernels.gemm_tma.eligible)")
+    # Descriptors cost host time: tiny problems (launch-bound) take the pointer kernel.
     use_tma = path == "tma" or (path == "auto" and not interpreting() and not autotuning()
-                                and a.is_cuda and gemm_tma.eligible(a, b, gate))
+                                and a.is_cuda and M * N >= TMA_MIN_OUTPUTS
+                                and gemm_tma.eligible(a, b, gate))
     if use_tma:
         cfg = INTERPRETER_CONFIG if interpreting() else heuristic_config(M, N, K, a.element_size())
         cfg = dict(cfg, GROUP_M=cfg.get("GROUP_M", 8))
