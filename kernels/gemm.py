@@ -151,7 +151,7 @@ _fused_gemm_autotuned = triton.autotune(
 
 
 def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=False,
-               fp32_mode="ieee", path="auto"):
+               fp32_mode="ieee", path="auto", config=None):
     """Launch the fused GEMM.
 
     a: [M, K] and b: [K, N], same float dtype (fp32, fp16 or bf16), same device, any strides.
@@ -162,6 +162,8 @@ def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=Fa
     fp32_mode: "ieee" (fp32-accurate, 3xTF32) or "tf32", used only for fp32 operands.
     path: "auto" (the persistent TMA kernel on a GPU when the operands allow it, else the
     pointer kernel), "tma" or "pointer" (forced; for tests and A/B runs).
+    config: optional launch config dict (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps,
+    num_stages) replacing the shape heuristic on a GPU (for sweeps).
     Returns C [M, N] contiguous in a's dtype, or (C, rowsum [M]) when rowsum is True.
     """
     M, K = a.shape
@@ -191,8 +193,8 @@ def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=Fa
                                 and a.is_cuda and M * N >= TMA_MIN_OUTPUTS
                                 and gemm_tma.eligible(a, b, gate))
     if use_tma:
-        cfg = INTERPRETER_CONFIG if interpreting() else heuristic_config(M, N, K, a.element_size())
-        cfg = dict(cfg, GROUP_M=cfg.get("GROUP_M", 8))
+        cfg = INTERPRETER_CONFIG if interpreting() else \
+            config or heuristic_config(M, N, K, a.element_size())
         per_sm = 2 if cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 128 * 64 else 1
         with device_guard(a):
             gemm_tma.launch(a, b, gate, bias, c, rs, scalar,
@@ -208,7 +210,7 @@ def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=Fa
         with device_guard(a):
             _fused_gemm_autotuned[grid](*args, **flags, UPCAST=False)
     else:
-        cfg = heuristic_config(M, N, K, a.element_size())
+        cfg = config or heuristic_config(M, N, K, a.element_size())
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
         with device_guard(a):
             _fused_gemm_kernel[grid](*args, **flags, UPCAST=False, **cfg)
