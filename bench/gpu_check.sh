@@ -4,7 +4,7 @@
 #     bash bench/gpu_check.sh            # full JSON, logs and plot under $OUT (default /tmp/fastlayers-gpu)
 # Budget: about 6 minutes on an H200 (GPU_CHECK_TEST_S / GPU_CHECK_BENCH_S cap each phase).
 # Narrow it with GPU_CHECK_TESTS="tests/test_gemm.py ..." and GPU_CHECK_BENCH="bench/bench_x.py";
-# GPU_CHECK_SWEEP=1 adds a GEMM launch-config sweep (python -m bench.sweep_gemm).
+# GPU_CHECK_BENCH=none skips the benchmarks; GPU_CHECK_SWEEP=1 adds a GEMM launch-config sweep (python -m bench.sweep_gemm).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-/tmp/fastlayers-gpu}
@@ -42,14 +42,16 @@ rc=$?
 tail -n 25 "$OUT/tests.log"
 [ $rc -eq 0 ] || { status=1; stamp "TESTS FAILED (rc=$rc)"; }
 
-stamp "benchmarks"
 BENCH=${GPU_CHECK_BENCH:-bench}
-timeout "${GPU_CHECK_BENCH_S:-300}" python3 -m pytest $(for t in $BENCH; do echo "$REPO/$t"; done) -q -p no:cacheprovider \
-    --benchmark-only --benchmark-json="$OUT/bench.json" $TIMEOUT ${GPU_CHECK_BENCH_ARGS:-} \
-    >"$OUT/bench.log" 2>&1
-rc=$?
-grep -E "passed|failed|error" "$OUT/bench.log" | tail -n 5
-[ $rc -eq 0 ] || { status=1; stamp "BENCHMARKS FAILED (rc=$rc)"; grep -E "^(E |FAILED)" "$OUT/bench.log" | head -n 20; }
+if [ "$BENCH" != none ]; then
+    stamp "benchmarks"
+    timeout "${GPU_CHECK_BENCH_S:-300}" python3 -m pytest $(for t in $BENCH; do echo "$REPO/$t"; done) -q -p no:cacheprovider \
+        --benchmark-only --benchmark-json="$OUT/bench.json" $TIMEOUT ${GPU_CHECK_BENCH_ARGS:-} \
+        >"$OUT/bench.log" 2>&1
+    rc=$?
+    grep -E "passed|failed|error" "$OUT/bench.log" | tail -n 5
+    [ $rc -eq 0 ] || { status=1; stamp "BENCHMARKS FAILED (rc=$rc)"; grep -E "^(E |FAILED)" "$OUT/bench.log" | head -n 20; }
+fi
 
 if [ "${GPU_CHECK_SWEEP:-0}" != 0 ]; then
     stamp "GEMM config sweep"
@@ -59,7 +61,9 @@ fi
 stamp "fp32 accuracy (relative error vs float64)"
 python3 -m bench.accuracy | tee "$OUT/accuracy.txt"
 
-stamp "report"
-python3 -m bench.report "$OUT/bench.json" --png "$OUT/bench.png" | tee "$OUT/report.txt"
+if [ -s "$OUT/bench.json" ]; then
+    stamp "report"
+    python3 -m bench.report "$OUT/bench.json" --png "$OUT/bench.png" | tee "$OUT/report.txt"
+fi
 stamp "done (status $status)"
 exit $status
