@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import gemm_tma
-from .runtime import autotuning, device_guard, dot_precision, interpreting, sm_count
+from .runtime import autotuning, device_guard, dot_precision, interpreting, sm_count, tma_enabled
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Pruned per call by shared memory
 # use, so the fp32 and 16-bit cases each keep the ones that fit on a Hopper SM.
@@ -160,8 +160,8 @@ def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=Fa
     relu: clamp negatives to 0 after the adds (NaN stays NaN, like torch.relu).
     rowsum: also return sum_k A'[m, k] (fp32 accumulation, rounded to a's dtype).
     fp32_mode: "ieee" (fp32-accurate, 3xTF32) or "tf32", used only for fp32 operands.
-    path: "auto" (the persistent TMA kernel on a GPU when the operands allow it, else the
-    pointer kernel), "tma" or "pointer" (forced; for tests and A/B runs).
+    path: "auto" (the pointer kernel; with FASTLAYERS_TMA=1 the persistent TMA kernel on a
+    GPU when the operands allow it), "tma" or "pointer" (forced; for tests and A/B runs).
     config: optional launch config dict (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps,
     num_stages) replacing the shape heuristic on a GPU (for sweeps).
     Returns C [M, N] contiguous in a's dtype, or (C, rowsum [M]) when rowsum is True.
@@ -188,9 +188,10 @@ def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=Fa
     if path == "tma" and not gemm_tma.eligible(a, b, gate):
         raise ValueError("fused_gemm: path='tma' needs 16-byte aligned operands with a "
                          "unit-stride dim (see kernels.gemm_tma.eligible)")
-    # Descriptors cost host time: tiny problems (launch-bound) take the pointer kernel.
-    use_tma = path == "tma" or (path == "auto" and not interpreting() and not autotuning()
-                                and a.is_cuda and M * N >= TMA_MIN_OUTPUTS
+    # The TMA kernel is opt-in (FASTLAYERS_TMA=1) until a GPU check has measured it against
+    # the pointer kernel; descriptors cost host time, so tiny problems never take it.
+    use_tma = path == "tma" or (path == "auto" and tma_enabled() and not interpreting()
+                                and not autotuning() and a.is_cuda and M * N >= TMA_MIN_OUTPUTS
                                 and gemm_tma.eligible(a, b, gate))
     if use_tma:
         cfg = INTERPRETER_CONFIG if interpreting() else \

@@ -23,6 +23,12 @@ def autotuning() -> bool:
     return os.environ.get("FASTLAYERS_AUTOTUNE", "0") not in ("", "0")
 
 
+def tma_enabled() -> bool:
+    """True when ``FASTLAYERS_TMA=1``: GEMMs on a GPU take the persistent TMA kernel where
+    the operands allow it (kernels/gemm_tma.py) instead of the pointer kernel."""
+    return os.environ.get("FASTLAYERS_TMA", "0") not in ("", "0")
+
+
 @functools.lru_cache(maxsize=None)
 def sm_count(device_index: int) -> int:
     """Number of streaming multiprocessors of a CUDA device (1 under the interpreter)."""
