@@ -9,11 +9,13 @@ from ._backend import backend_info, get_backend, set_backend, use_backend  # noq
 from .layers import LazyLinearReLU, LinearReLU, MyLinear  # noqa: F401
 from . import device, init, io, params  # noqa: F401  (the seed's helpers, as attributes)
 from .convert import fuse, unfuse  # noqa: F401
+from .layers import CenteredLayer  # noqa: F401
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LinearReLU", "LazyLinearReLU", "MyLinear",
+    "CenteredLayer",
     "fuse", "unfuse", "params", "init", "io", "device",
     "functional", "backend_info", "get_backend", "set_backend", "use_backend",
 ]

@@ -11,6 +11,7 @@ from ._backend import fp32_matmul_mode, use_triton
 from ._validate import autocast_dtype, check_float, check_same
 from .ops import eager
 from .ops import linear_relu as _lr
+from .ops import centered as _centered
 
 
 def linear_relu(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
@@ -47,3 +48,20 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
         return reference.linear_relu(x, weight, bias)  # torch's own autograd, no wrapper cost
     y = _lr.linear_relu(x.reshape(-1, x.shape[-1]), weight, bias, fp32_matmul_mode())
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def centered(x: Tensor, dim=None) -> Tensor:
+    """x - x.mean() (dim=None, the seed's CenteredLayer) or x - x.mean(dim, keepdim=True).
+
+    x: floating point, any rank (0-d too), any strides; empty gives empty. dim: None (all
+    elements), an int or a tuple of ints (negative counts from the end; () means all).
+    Numerics: the mean accumulates in fp32 and ``x - mean`` is computed in fp32, rounded
+    once to x's dtype (float64 stays float64). Backward: dx = dy - mean(dy) over the same
+    dims. Deterministic: the same input gives bitwise the same output.
+    """
+    op = "centered"
+    check_float(op, "input", x)
+    dims = _centered.normalize_dims(op, x.dim(), dim)
+    if eager() and not use_triton(x):
+        return reference.centered(x, dims)  # torch's own autograd, no wrapper cost
+    return _centered.centered(x, dims)

@@ -29,3 +29,17 @@ def linear_relu_bwd_params(grad_out, out, x):
     """(grad_weight [N, K], grad_bias [N]) given grad_out, out [M, N] and x [M, K]."""
     g = relu_grad(grad_out, out)
     return g.t() @ x, g.sum(0)
+
+
+# ---------------------------------------------------------------- centered: x - mean(x)
+def centered_mean(x, dims=()):
+    """mean(x) over ``dims`` (all dims when empty), keepdim, accumulated and returned in
+    fp32 for 16-bit x (so ``x - mean`` computes in fp32), else in x's dtype."""
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return x.mean(dim=tuple(dims) if dims else tuple(range(x.dim())), keepdim=True, dtype=acc)
+
+
+def centered(x, dims=()):
+    """x - mean(x) over ``dims`` (all elements when empty: the seed's ``X - X.mean()``).
+    16-bit x: mean and difference in fp32, rounded once to x's dtype."""
+    return (x - centered_mean(x, dims)).to(x.dtype)

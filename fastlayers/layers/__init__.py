@@ -1,2 +1,3 @@
 """The nn.Modules users import (re-exported from ``fastlayers``)."""
 from .linear import LazyLinearReLU, LinearReLU, MyLinear  # noqa: F401
+from .centered import CenteredLayer  # noqa: F401
