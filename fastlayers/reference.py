@@ -42,4 +42,6 @@ def centered_mean(x, dims=()):
 def centered(x, dims=()):
     """x - mean(x) over ``dims`` (all elements when empty: the seed's ``X - X.mean()``).
     16-bit x: mean and difference in fp32, rounded once to x's dtype."""
-    return (x - centered_mean(x, dims)).to(x.dtype)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return (x - centered_mean(x, dims)).to(x.dtype)
+    return x - (x.mean(dims, keepdim=True) if dims else x.mean())
