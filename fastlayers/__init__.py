@@ -7,6 +7,7 @@
 from . import functional, ops  # noqa: F401  (ops: registers the custom ops)
 from ._backend import backend_info, get_backend, set_backend, use_backend  # noqa: F401
 from .layers import LazyLinearReLU, LinearReLU, MyLinear  # noqa: F401
+from .layers import FixedHiddenMatmul, FixedHiddenMLP, MySequential, NestMLP  # noqa: F401
 from . import device, init, io, params  # noqa: F401  (the seed's helpers, as attributes)
 from .convert import fuse, unfuse  # noqa: F401
 from .layers import CenteredLayer  # noqa: F401
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LinearReLU", "LazyLinearReLU", "MyLinear",
+    "FixedHiddenMatmul", "FixedHiddenMLP", "NestMLP", "MySequential",
     "CenteredLayer",
     "fuse", "unfuse", "params", "init", "io", "device",
     "functional", "backend_info", "get_backend", "set_backend", "use_backend",

@@ -11,6 +11,7 @@ from ._backend import fp32_matmul_mode, use_triton
 from ._validate import autocast_dtype, check_float, check_same
 from .ops import eager
 from .ops import linear_relu as _lr
+from .ops import fixed_hidden as _fh, fixed_mlp as _fmlp, halve_until as _hu
 from .ops import centered as _centered
 
 
@@ -65,3 +66,52 @@ def centered(x: Tensor, dim=None) -> Tensor:
     if eager() and not use_triton(x):
         return reference.centered(x, dims)  # torch's own autograd, no wrapper cost
     return _centered.centered(x, dims)
+
+
+# ---------------------------------------------------------------- fixed-hidden matmul, halving, MLP
+def fixed_hidden(x: Tensor, weight: Tensor, c: float = 1.0) -> Tensor:
+    """relu(x @ weight + c) with a frozen weight, fused into one kernel.
+
+    x: [..., in_features], any leading dims and strides. weight: [in_features,
+    out_features] (the seed's ``rand_weight`` layout), must not require grad (it is
+    frozen: a clear error otherwise). c: a Python float, added in fp32 before the ReLU.
+    Numerics as :func:`linear_relu`. Backward: for x only.
+    """
+    return _fh.fixed_hidden_checked(x, weight, c)
+
+
+def halve_until(x: Tensor, threshold: float = 1.0, return_count: bool = False):
+    """The seed's ``while x.abs().sum() > threshold: x /= 2`` as x halved k times, with k
+    from one reduction and NO device-to-host sync (k stays in device memory).
+
+    Returns y (x's shape and dtype), or (y, k) with return_count (k: int32 0-dim tensor on
+    x's device). For every finite input y is bitwise the loop's result whenever both see
+    the same |x|-sum: torch's own ``x.abs().sum()`` on the torch path (so the same device
+    gives the loop's count exactly), the kernel's fp32 partial sums on the Triton path
+    (another summation order: a sum within rounding of threshold * 2**j can differ), and
+    for fp16 on both paths the exact sum of the halved elements (fp16 elements go
+    subnormal and round at each halving; see fastlayers.kernels.halve). The threshold is
+    rounded to x's dtype as torch's comparison rounds it and must be >= the dtype's
+    smallest normal number. A finite input whose fp32 |x|-sum overflows still gets the
+    loop's answer. NaN in x: the loop stops at once, y = x, k = 0. ±inf in x: the loop
+    never ends; we return its limit (finite elements -> signed zeros, ±inf kept, k =
+    2**31 - 1), or raise ValueError under FASTLAYERS_CHECK=1 (eager only; it reads k on
+    the host, a sync). Gradient: grad * 2**-k.
+    """
+    return _hu.halve_until(x, threshold, return_count)
+
+
+def fixed_hidden_mlp(x: Tensor, weight: Tensor, bias: Tensor, rand_weight: Tensor,
+                     c: float = 1.0, threshold: float = 1.0, reduce=None,
+                     return_count: bool = False):
+    """The seed's FixedHiddenMLP forward: y = L(relu(L(x) @ rand_weight + c)) with ONE
+    Linear L(v) = v @ weight.T + bias used twice, then :func:`halve_until` on y.
+
+    x: [..., d]; weight [d, d]; bias [d] or None; rand_weight [d, d] (frozen). reduce:
+    None (return the halved y) or 'sum' (its sum, the seed's ``X.sum()``). Returns out,
+    or (out, k) with return_count. Triton path, d <= 64: one kernel for the three
+    matmuls and the partial sums, then the count and scale kernels; larger d composes the
+    fused GEMMs. Gradients for x, weight and bias (dL/dy = dL/dout * 2**-k).
+    """
+    return _fmlp.fixed_hidden_mlp(x, weight, bias, rand_weight, c, threshold, reduce,
+                                  return_count)

@@ -1,0 +1,192 @@
+"""The seed's FixedHiddenMLP forward: y = L(relu(L(x) @ R + c)) with ONE Linear L(v) =
+v @ W.T + b used twice, then the halving loop (``kernels.halve``), sync-free.
+
+Small d (<= FUSED_MAX_D, e.g. the seed's 20): W, b and R fit in one program's registers, so
+one kernel computes, per block of rows, all three matmuls and writes y (not at all for
+``reduce='sum'`` in fp32/bf16) plus a row of partial sums (sum |y|, sum |y| * 2**-64,
+sum y); then the one-program count kernel derives k (and, for ``reduce='sum'``, the result
+(sum y) * 2**-k directly), and the scale kernel halves y in place. 3 launches (2 for
+``reduce='sum'``). fp16 writes y and runs the exact fp16 count of ``kernels.halve``.
+Larger d composes three fused GEMMs and the halving kernels.
+
+Numerics: fp32 accumulation; every intermediate (L(x), the fixed-hidden output, y) is
+rounded to x's dtype, as the seed's separate torch ops round them.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import halve
+from .gemm import fused_gemm
+from .halve import _round_bf16
+from .runtime import device_guard, dot_precision, interpreting
+
+FUSED_MAX_D = 64
+PART_ROW = 3  # [sum |y|, sum |y| * 2**-64, sum y] per program
+
+
+@triton.jit
+def _round_to(v, FMT: tl.constexpr):
+    """fp32 v rounded to the nearest value of the format (fp32: as is), kept in fp32."""
+    if FMT == 0:
+        return v
+    elif FMT == 1:
+        return v.to(tl.float16).to(tl.float32)
+    else:
+        return _round_bf16(v)
+
+
+@triton.jit
+def _bits_of(v, FMT: tl.constexpr):
+    """Bit pattern (int32; 16-bit formats in the low half) of an fp32 v already rounded to
+    the format."""
+    if FMT == 0:
+        return v.to(tl.int32, bitcast=True)
+    elif FMT == 1:
+        return v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    else:
+        return (v.to(tl.int32, bitcast=True) >> 16) & 0xFFFF
+
+
+@triton.jit
+def _operand(v, dtype, UPCAST: tl.constexpr):
+    """A rounded fp32 value as a tl.dot operand: the input dtype on a GPU (exact)."""
+    if UPCAST:
+        return v
+    else:
+        return v.to(dtype)
+
+
+@triton.jit
+def _fixed_mlp_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, h2_ptr, part_ptr,
+    M, D, stride_xm, stride_xk, stride_wn, stride_wk, stride_rk, stride_rn, c,
+    HAS_BIAS: tl.constexpr, FMT: tl.constexpr, WRITE_Y: tl.constexpr,
+    SAVE_H2: tl.constexpr, PARTIALS: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, DP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rm = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rd = tl.arange(0, DP)
+    m_ok = rm < M
+    d_ok = rd < D
+    dd_ok = d_ok[:, None] & d_ok[None, :]
+    md_ok = m_ok[:, None] & d_ok[None, :]
+    x = tl.load(x_ptr + rm[:, None] * stride_xm + rd[None, :] * stride_xk, mask=md_ok, other=0.0)
+    # wt[k, n] = W[n, k]: L(v) = v @ wt + b
+    wt = tl.load(w_ptr + rd[:, None] * stride_wk + rd[None, :] * stride_wn, mask=dd_ok, other=0.0)
+    r = tl.load(r_ptr + rd[:, None] * stride_rk + rd[None, :] * stride_rn, mask=dd_ok, other=0.0)
+    if UPCAST:  # the interpreter holds 16-bit floats as raw integers
+        x = x.to(tl.float32)
+        wt = wt.to(tl.float32)
+        r = r.to(tl.float32)
+    dtype = x_ptr.dtype.element_ty
+    bias = tl.zeros([DP], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rd, mask=d_ok, other=0.0).to(tl.float32)
+
+    h1 = _round_to(tl.dot(x, wt, input_precision=PRECISION) + bias[None, :], FMT)
+    z = _round_to(tl.dot(_operand(h1, dtype, UPCAST), r, input_precision=PRECISION) + c, FMT)
+    h2 = tl.where(z < 0, 0.0, z)  # keeps NaN, like torch.relu
+    y = _round_to(tl.dot(_operand(h2, dtype, UPCAST), wt, input_precision=PRECISION)
+                  + bias[None, :], FMT)
+
+    offs = rm[:, None] * D + rd[None, :]
+    if SAVE_H2:
+        tl.store(h2_ptr + offs, _bits_of(h2, FMT).to(h2_ptr.dtype.element_ty), mask=md_ok)
+    if WRITE_Y:
+        tl.store(y_ptr + offs, _bits_of(y, FMT).to(y_ptr.dtype.element_ty), mask=md_ok)
+    if PARTIALS:
+        a = tl.where(md_ok, tl.abs(y), 0.0)
+        row = part_ptr + pid.to(tl.int64) * 3
+        tl.store(row, tl.sum(tl.sum(a, axis=1), axis=0))
+        tl.store(row + 1, tl.sum(tl.sum(a * 5.421010862427522e-20, axis=1), axis=0))
+        tl.store(row + 2, tl.sum(tl.sum(tl.where(md_ok, y, 0.0), axis=1), axis=0))
+
+
+def _fused_config(d):
+    dp = max(16, triton.next_power_of_2(d))
+    if interpreting():
+        return dp, 16, 4
+    return dp, (64 if dp <= 32 else 32), 4
+
+
+def fixed_mlp_fwd(x, weight, bias, rand_weight, c, threshold_d, reduce_sum, save_h2,
+                  fp32_mode="ieee", path="auto"):
+    """(out, k, h2) for x [M, d], weight [d, d] (nn.Linear layout), bias [d] or None,
+    rand_weight [d, d]; same device and dtype (fp32, fp16 or bf16).
+
+    out: y halved k times [M, d], or its sum (0-dim) when reduce_sum. k: int32 0-dim (see
+    kernels.halve). h2: relu(L(x) @ R + c) [M, d] when save_h2 (the backward needs it),
+    else an empty tensor. threshold_d: the threshold rounded to x's dtype.
+    path: "auto" (fused for d <= FUSED_MAX_D), "fused" or "composed" (forced, for tests).
+    """
+    M, d = x.shape
+    fused = path == "fused" or (path == "auto" and d <= FUSED_MAX_D)
+    if fused and d > FUSED_MAX_D:
+        raise ValueError(f"fixed_mlp_fwd: the fused kernel holds d <= {FUSED_MAX_D}, got {d}")
+    if not fused:
+        return _composed(x, weight, bias, rand_weight, c, threshold_d, reduce_sum, save_h2,
+                         fp32_mode)
+    fp16 = x.dtype == torch.float16
+    bits = halve.BITS_DTYPE[x.dtype]
+    write_y = fp16 or not reduce_sum
+    y = torch.empty((M, d) if write_y else (0,), device=x.device, dtype=x.dtype)
+    h2 = torch.empty((M, d) if save_h2 else (0,), device=x.device, dtype=x.dtype)
+    dp, block_m, warps = _fused_config(d)
+    P = triton.cdiv(M, block_m)
+    part = torch.empty((P, PART_ROW), device=x.device, dtype=torch.float32)
+    if P:
+        upcast = interpreting() and x.dtype != torch.float32
+        with device_guard(x):
+            _fixed_mlp_fwd_kernel[(P,)](
+                x, weight, bias if bias is not None else weight, rand_weight,
+                y.view(bits), h2.view(bits), part,
+                M, d, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+                rand_weight.stride(0), rand_weight.stride(1), float(c),
+                HAS_BIAS=bias is not None, FMT=halve.FMT[x.dtype], WRITE_Y=write_y,
+                SAVE_H2=save_h2, PARTIALS=not fp16, PRECISION=dot_precision(x.dtype, fp32_mode),
+                UPCAST=upcast, BLOCK_M=block_m, DP=dp, num_warps=warps)
+    if fp16:
+        return (*_halve_written(y, threshold_d, reduce_sum), h2)
+    if reduce_sum:
+        k, out = halve.count_and_sum(part, threshold_d, x.dtype, row=PART_ROW)
+        return out, k, h2
+    k = halve.halve_count(y, threshold_d, partials=part, row=PART_ROW)
+    return halve.halve_scale(y.view(-1), k, out=y.view(-1)).view(M, d), k, h2
+
+
+def _halve_written(y, threshold_d, reduce_sum):
+    """(out, k) from a written y: the halving kernels (exact fp16 count) and, for
+    reduce_sum, torch's own sum of the halved tensor (the seed's ``X.sum()``)."""
+    flat = y.view(-1)
+    if reduce_sum and y.dtype != torch.float16:
+        k, out = halve.count_and_sum(halve.halve_partials(flat, signed=True), threshold_d,
+                                     y.dtype)
+        return out, k
+    k = halve.halve_count(flat, threshold_d)
+    halve.halve_scale(flat, k, out=flat)
+    return (y.sum() if reduce_sum else y), k
+
+
+def _composed(x, weight, bias, rand_weight, c, threshold_d, reduce_sum, save_h2, fp32_mode):
+    h1 = fused_gemm(x, weight.t(), bias=bias, fp32_mode=fp32_mode)
+    h2 = fused_gemm(h1, rand_weight, scalar=c, relu=True, fp32_mode=fp32_mode)
+    y = fused_gemm(h2, weight.t(), bias=bias, fp32_mode=fp32_mode)
+    out, k = _halve_written(y, threshold_d, reduce_sum)
+    return out, k, (h2 if save_h2 else h2.new_empty((0,)))
+
+
+def fixed_mlp_bwd(grad_y, x, weight, rand_weight, h2, fp32_mode="ieee"):
+    """(grad_x, grad_weight, grad_bias) given dL/dy [M, d] (any strides, stride 0 too).
+
+    The chain through the batch (dL/dh2, the gated dL/dh1, dL/dx) runs on the fused GEMM,
+    the ReLU mask applied as its gate; the [d, d] weight gradient and the bias gradient
+    reduce over the batch, where torch's split-K matmul beats one program per tile.
+    """
+    g_h2 = fused_gemm(grad_y, weight, fp32_mode=fp32_mode)
+    g_h1 = fused_gemm(g_h2, rand_weight.t(), gate=h2, fp32_mode=fp32_mode)
+    grad_x = fused_gemm(g_h1, weight, fp32_mode=fp32_mode)
+    grad_w = torch.addmm(g_h1.t() @ x, grad_y.t(), h2)
+    grad_b = grad_y.sum(0) + g_h1.sum(0)
+    return grad_x, grad_w, grad_b
