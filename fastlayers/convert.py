@@ -37,8 +37,7 @@ from typing import Dict, Tuple
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from . import layers
-from .layers import LazyLinearReLU, LinearReLU
+from .layers import LazyLinearReLU, LinearReLU, MySequential
 
 __all__ = ["fuse", "unfuse", "is_chain"]
 
@@ -63,11 +62,8 @@ def _same_code(fn, reference) -> bool:
 def is_chain(module: nn.Module) -> bool:
     """True when ``module``'s forward is known to be ``x -> child_n(...child_1(x))``."""
     forward = type(module).forward
-    chains = [nn.Sequential.forward]
-    my_sequential = getattr(layers, "MySequential", None)
-    if my_sequential is not None:
-        chains.append(my_sequential.forward)
-    return any(forward is f for f in chains) or _same_code(forward, _seed_mysequential_forward)
+    return forward in (nn.Sequential.forward, MySequential.forward) or \
+        _same_code(forward, _seed_mysequential_forward)
 
 
 def _plain(module) -> bool:

@@ -182,9 +182,25 @@ def test_chain_recognition():
     assert not is_chain(NotQuite())
     fused = fastlayers.fuse(RenamedSeedCopy(nn.Linear(3, 3), nn.ReLU()))
     assert type(fused._modules["0"]) is fastlayers.LinearReLU
-    my_sequential = getattr(fastlayers, "MySequential", None)
-    if my_sequential is not None:  # fastlayers' own MySequential (issue 4) is a chain too
-        assert is_chain(my_sequential())
+    assert is_chain(fastlayers.MySequential())  # fastlayers' own
+    fused = fastlayers.fuse(fastlayers.MySequential(nn.Linear(3, 3), nn.ReLU()))
+    assert type(fused[0]) is fastlayers.LinearReLU and type(fused[1]) is nn.Identity
+
+
+def test_fastlayers_blocks(backend):
+    """NestMLP is fused already: unfuse gives the seed's layers with the same output; the
+    Linear that FixedHiddenMLP uses twice is never fused."""
+    nest = fastlayers.NestMLP()
+    plain = fastlayers.unfuse(nest)
+    assert [type(m).__name__ for m in plain.net] == ["Linear", "ReLU", "Linear", "ReLU"]
+    _check_equivalent(plain, nest, torch.randn(4, 20), backend)
+    chimera = nn.Sequential(fastlayers.NestMLP(), nn.Linear(16, 20), nn.ReLU(),
+                            fastlayers.FixedHiddenMLP(reduce="sum"))
+    fused = fastlayers.fuse(chimera)
+    assert type(fused[1]) is fastlayers.LinearReLU and type(fused[3].linear) is nn.Linear
+    x = torch.randn(3, 20)
+    chimera, fused, x = chimera.to(backend), fused.to(backend), x.to(backend)
+    assert torch.allclose(fused(x), chimera(x), rtol=1e-5, atol=0)
 
 
 def test_errors():

@@ -74,6 +74,13 @@ def test_to_device_moves_nested_containers_and_keeps_their_types():
     assert to_device(5, "meta") == 5 and to_device("s", torch.device("meta")) == "s"
 
 
+def test_centered_layer_follows_its_input():
+    layer = fastlayers.CenteredLayer()
+    x = torch.randn(3, 4)
+    assert layer(x.to("meta")).device.type == "meta"
+    assert torch.allclose(layer(x), x - x.mean())
+
+
 def test_to_device_on_modules_and_tensors():
     net = nn.Sequential(fastlayers.LinearReLU(3, 4), nn.BatchNorm1d(4))
     assert to_device(net, "meta") is net  # in place, like Module.to
@@ -93,15 +100,15 @@ def _layers():
         "LazyLinearReLU": (lazy, 4),
         "MyLinear": (fastlayers.MyLinear(4, 3), 4),
         "fused seq": (fastlayers.fuse(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))), 4),
+        "FixedHiddenMatmul": (fastlayers.FixedHiddenMatmul(4, 6), 4),
+        "FixedHiddenMLP": (fastlayers.FixedHiddenMLP(), 20),
+        "FixedHiddenMLP sum": (fastlayers.FixedHiddenMLP(reduce="sum"), 20),
+        "NestMLP": (fastlayers.NestMLP(), 20),
+        "MySequential": (fastlayers.MySequential(fastlayers.LinearReLU(4, 5),
+                                                 fastlayers.MyLinear(5, 2)), 4),
+        "chimera": (nn.Sequential(fastlayers.NestMLP(), nn.Linear(16, 20),
+                                  fastlayers.FixedHiddenMLP(reduce="sum")), 20),
     }
-    for name, args, features in [("FixedHiddenMatmul", (4, 6), 4), ("FixedHiddenMLP", (), 20),
-                                 ("NestMLP", (), 20)]:
-        cls = getattr(fastlayers, name, None)
-        if cls is not None:  # issue 4's blocks, once they are in
-            layers[name] = (cls(*args), features)
-    if hasattr(fastlayers, "MySequential"):
-        layers["MySequential"] = (fastlayers.MySequential(fastlayers.LinearReLU(4, 5),
-                                                          fastlayers.MyLinear(5, 2)), 4)
     return layers
 
 

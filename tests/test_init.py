@@ -177,14 +177,17 @@ class FrozenBlock(nn.Module):
 
 
 def test_frozen_buffers_are_never_touched():
-    model = nn.Sequential(FrozenBlock(), nn.ReLU(), FrozenBlock())
+    model = nn.Sequential(FrozenBlock(), nn.ReLU(), FrozenBlock(),
+                          fastlayers.FixedHiddenMatmul(4, 20), fastlayers.FixedHiddenMLP(),
+                          fastlayers.NestMLP())
     buffers = [b.clone() for b in model.buffers()]
     init.constant_(model, 3.0)
     init.normal_(model)
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
     torch.manual_seed(0)
     init.constant_(model, 3.0)
-    assert all((m.linear.weight == 3).all() for m in (model[0], model[2]))
+    assert all((m.linear.weight == 3).all() for m in (model[0], model[2], model[4], model[5]))
+    assert (model[5].net[2].weight == 3).all() and (model[4].linear.bias == 0).all()
 
 
 def test_frozen_parameters_are_initialised_and_stay_leaves():

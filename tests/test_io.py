@@ -348,6 +348,23 @@ def test_load_model_reports_every_problem_and_leaves_model_unchanged(tmp_path):
     assert report.missing_keys == [] and report.unexpected_keys == []
 
 
+def test_fixed_hidden_mlp_round_trips_and_loads_the_seeds_state_dict(tmp_path):
+    ours = fastlayers.FixedHiddenMLP(reduce="sum")
+    fio.save_model(ours, tmp_path / "fixed.pt")
+    clone = fastlayers.FixedHiddenMLP(reduce="sum")
+    assert fio.load_model(clone, tmp_path / "fixed.pt").ok
+    x = torch.rand(3, 20)
+    assert torch.equal(clone.rand_weight, ours.rand_weight) and torch.equal(clone(x), ours(x))
+    # the seed's module has no rand_weight in its state_dict: FixedHiddenMLP keeps its own
+    seed = _seed.FixedHiddenMLP()
+    seed(x)
+    fio.save(seed.state_dict(), tmp_path / "seed.pt")
+    kept = clone.rand_weight.clone()
+    report = fio.load_model(clone, tmp_path / "seed.pt")
+    assert report.ok and torch.equal(clone.rand_weight, kept)
+    assert torch.equal(clone.linear.weight, seed.linear.weight)
+
+
 def test_load_model_hints_and_wrong_content(tmp_path):
     net = _net()
     fio.save({f"module.{k}": v for k, v in net.state_dict().items()}, tmp_path / "ddp.pt")

@@ -89,6 +89,16 @@ def test_lazy_and_meta_rows():
     assert rows.row("2.weight").shape == (2, 8)
 
 
+def test_fastlayers_blocks():
+    chimera = nn.Sequential(fastlayers.NestMLP(), nn.Linear(16, 20),
+                            fastlayers.FixedHiddenMLP(reduce="sum"))
+    rows = describe(chimera)
+    assert [_as_tuple(r) for r in rows] == _reference_rows(chimera)
+    row = rows.row("2.rand_weight")
+    assert row.kind == "buffer" and row.shape == (20, 20) and not row.requires_grad
+    assert [r.name for r in rows if r.kind == "parameter"][:2] == ["0.net.0.weight", "0.net.0.bias"]
+
+
 def test_errors_are_clear():
     with pytest.raises(TypeError, match="expected an nn.Module, got Tensor"):
         describe(torch.ones(2))
