@@ -14,12 +14,20 @@ the write leaves it behind.
 """
 import contextlib
 import ctypes
+import errno
+import functools
 import os
 import secrets
 
 _AT_FDCWD = -100
 _AT_EMPTY_PATH = 0x1000
-_anonymous_works = hasattr(os, "O_TMPFILE")  # set False after the first failure
+_anonymous_works = hasattr(os, "O_TMPFILE")  # set False once the system says it cannot
+_UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EISDIR, errno.EINVAL}
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _temp_name(directory: str, name: str) -> str:
@@ -30,10 +38,9 @@ def _link_anonymous(fd: int, dest: str) -> bool:
     """Give the O_TMPFILE file ``fd`` the name ``dest``: linkat(AT_EMPTY_PATH) (root, or
     Linux >= 6.10), else the /proc/self/fd route; False if neither works."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.linkat(fd, b"", _AT_FDCWD, os.fsencode(dest), _AT_EMPTY_PATH) == 0:
+        if _libc().linkat(fd, b"", _AT_FDCWD, os.fsencode(dest), _AT_EMPTY_PATH) == 0:
             return True
-    except (OSError, AttributeError):
+    except (OSError, AttributeError):  # no C library to call (not Linux/glibc-like)
         pass
     try:
         os.link(f"/proc/self/fd/{fd}", dest, follow_symlinks=True)
@@ -106,8 +113,10 @@ def atomic_write(path, write) -> None:
     if _anonymous_works:
         try:
             fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o666)
-        except OSError:  # filesystem without O_TMPFILE support
-            _anonymous_works = False
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED:
+                raise  # e.g. permission denied: the named route would fail the same way
+            _anonymous_works = False  # a filesystem or kernel without O_TMPFILE
     if fd is None:
         _write_named(path, directory, write)
     else:

@@ -34,7 +34,7 @@ import zipfile
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Tuple
 
 import torch
 from torch import nn
@@ -228,7 +228,8 @@ def load(path, map_location=None, *, verify: bool = True):
     """Load what :func:`save` (or ``torch.save`` / safetensors) wrote to ``path``.
 
     map_location: as in ``torch.load`` (a device, a string like ``'cpu'``, a dict or a
-        callable) for torch files; a device or string for ``.safetensors`` files.
+        callable) for torch files (default: the devices they were saved from); a device
+        or string for ``.safetensors`` files (default: the CPU).
     verify: check the checksums first (one extra read); False skips it for large files
         you trust to be intact.
     Raises FileNotFoundError, :class:`UnsafeFileError` (the file would run code) or

@@ -11,7 +11,7 @@ and whether a gradient is present, as a list you can filter and a table you can 
     [r.name for r in table if r.requires_grad]   # rows are plain dataclasses
 """
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
