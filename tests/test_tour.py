@@ -50,7 +50,7 @@ def test_quick_tour_passes_every_section():
 
 
 def test_a_failing_check_makes_the_exit_status_non_zero():
-    result = _run("--quick", env={tour.FAIL_ENV: "init"})
+    result = _run("--quick", "--device", "cpu", env={tour.FAIL_ENV: "init"})
     out = result.stdout
     assert result.returncode == 1, out[-3000:]
     init_lines = _section_lines(out, "init")
