@@ -62,7 +62,7 @@ def test_seed_mlp_params_round_trip(tmp_path, fmt, fused):
     net = make()
     X = torch.randn(size=(2, 20))
     Y = net(X)
-    path = tmp_path / f"mlp.{fmt}"
+    path = tmp_path / ("mlp.pth" if fmt == "pt" else "mlp.safetensors")
     fio.save(net.state_dict(), path)
     clone = make()  # lazy: materialised by load_state_dict
     clone.load_state_dict(fio.load(path))
