@@ -32,6 +32,8 @@ def check_same(op: str, named: dict) -> None:
 
 def autocast_dtype(device_type: str):
     """The autocast dtype in force for ``device_type``, or None when autocast is off."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. 'meta')
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None

@@ -127,16 +127,7 @@ def test_every_layer_moves_with_its_buffers_and_refuses_foreign_inputs(name):
         moved(torch.randn(3, features))
 
 
-# fastlayers._validate.autocast_dtype calls torch.is_autocast_enabled(x.device.type), which
-# raises "unknown device type for autocast" for 'meta' (and any device autocast does not
-# know), so every Linear+ReLU layer fails on meta inputs. Reported to the lead with the fix;
-# remove this marker once _validate.py has it (strict: the test then fails as XPASS).
-_META_AUTOCAST_BUG = pytest.mark.xfail(
-    raises=RuntimeError, strict=True,
-    reason="_validate.autocast_dtype raises for the 'meta' device (fix proposed to the lead)")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_META_AUTOCAST_BUG) for n in LAYER_NAMES])
+@pytest.mark.parametrize("name", LAYER_NAMES)
 def test_every_layer_runs_on_the_meta_device(name):
     layer, features = _layers()[name]
     x = torch.randn(3, features)
