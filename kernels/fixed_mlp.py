@@ -85,9 +85,11 @@ def _fixed_mlp_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(b_ptr + rd, mask=d_ok, other=0.0).to(tl.float32)
 
+    # Padded columns are zeroed after each stage: an inf times a padded 0 would be NaN.
     h1 = _round_to(tl.dot(x, wt, input_precision=PRECISION) + bias[None, :], FMT)
+    h1 = tl.where(d_ok[None, :], h1, 0.0)
     z = _round_to(tl.dot(_operand(h1, dtype, UPCAST), r, input_precision=PRECISION) + c, FMT)
-    h2 = tl.where(z < 0, 0.0, z)  # keeps NaN, like torch.relu
+    h2 = tl.where(d_ok[None, :], tl.where(z < 0, 0.0, z), 0.0)  # keeps NaN, like torch.relu
     y = _round_to(tl.dot(_operand(h2, dtype, UPCAST), wt, input_precision=PRECISION)
                   + bias[None, :], FMT)
 
