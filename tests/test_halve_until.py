@@ -212,6 +212,7 @@ def test_opcheck(backend):
         x = (torch.randn(9, 37, device=backend) * 40).to(dtype).requires_grad_(True)
         torch.library.opcheck(H.op, (x, 1.0))
         torch.library.opcheck(H.op, (x.detach()[:, ::2], 0.5))
+        torch.library.opcheck(H.op, (x.detach().t(), 2.0))
 
 
 def test_compile_fullgraph_matches_eager(backend):
