@@ -43,8 +43,8 @@ def _(grad_out, out, weight, fp32_mode):
 
 
 def _setup_context(ctx, inputs, output):
-    """Save the output (its sign is the ReLU mask) and the weight, only if x needs a grad."""
-    x, weight, _c, fp32_mode = inputs
+    """Save the output (its sign is the ReLU mask) and the weight (x is not needed)."""
+    _x, weight, _c, fp32_mode = inputs
     ctx.fp32_mode = fp32_mode
     ctx.save_for_backward(weight, output)
 

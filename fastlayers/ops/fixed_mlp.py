@@ -65,7 +65,7 @@ def _(grad_out, x, weight, rand_weight, h2, k, reduce_sum, fp32_mode):
 
 
 def _save(ctx, inputs, k, h2):
-    x, weight, bias, rand_weight, _c, _t, reduce_sum, save_h2, fp32_mode = inputs
+    x, weight, _bias, rand_weight, _c, _t, reduce_sum, save_h2, fp32_mode = inputs
     ctx.reduce_sum, ctx.fp32_mode, ctx.save_h2 = reduce_sum, fp32_mode, save_h2
     ctx.save_for_backward(x, weight, rand_weight, h2, k)
 

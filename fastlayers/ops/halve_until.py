@@ -21,7 +21,6 @@ import functools
 import math
 import os
 import struct
-
 from typing import Tuple
 
 import torch
@@ -258,8 +257,7 @@ def checks_enabled() -> bool:
 
 def validate_threshold(opname: str, dtype: torch.dtype, threshold) -> float:
     """The threshold rounded to ``dtype``; a clear error for values the loop cannot use."""
-    if isinstance(threshold, torch.Tensor) or isinstance(threshold, bool) or \
-            not isinstance(threshold, (int, float)):
+    if isinstance(threshold, (torch.Tensor, bool)) or not isinstance(threshold, (int, float)):
         raise TypeError(f"{opname}: threshold must be a Python float (a tensor threshold "
                         f"would need a device-to-host sync), got {type(threshold).__name__}")
     threshold = float(threshold)
