@@ -36,13 +36,13 @@ def _fmt_ms(ms):
 def table(cases):
     """The report's lines: a header, then one line per case."""
     baselines = sorted({v for c in cases.values() for v in c if v != OURS})
-    head = f"{'op':14s} {'shape':18s} {'dtype':9s} {'pass':8s} {'ours':>11s}"
+    head = f"{'op':18s} {'shape':18s} {'dtype':9s} {'pass':8s} {'ours':>11s}"
     head += "".join(f" {b[:10]:>11s} {'x' + b[:6]:>8s}" for b in baselines)
     head += f" {'%gemm':>6s} {'%copy':>6s}"
     lines = [head, "-" * len(head)]
     for (op, shape, dtype, pass_), variants in cases.items():
         ours = variants.get(OURS)
-        line = f"{op:14s} {shape:18s} {dtype:9s} {pass_:8s} "
+        line = f"{op:18s} {shape:18s} {dtype:9s} {pass_:8s} "
         line += _fmt_ms(ours["median_ms"]).rjust(11) if ours else f"{'-':>11s}"
         for b in baselines:
             base = variants.get(b)
