@@ -11,6 +11,7 @@ from torch import nn
 
 import fastlayers
 from fastlayers import functional as F
+from fastlayers._seed import MySequential as SeedMySequential
 from fastlayers.ops import fixed_mlp as ops
 
 from _util import REL_TOL, assert_close_to_ref, randn
@@ -46,18 +47,6 @@ class SeedNestMLP(nn.Module):
 
     def forward(self, X):
         return self.linear(self.net(X))
-
-
-class SeedMySequential(nn.Module):
-    def __init__(self, *args):
-        super().__init__()
-        for idx, module in enumerate(args):
-            self._modules[str(idx)] = module
-
-    def forward(self, X):
-        for module in self._modules.values():
-            X = module(X)
-        return X
 
 
 def loop_count(y, threshold=1.0):
