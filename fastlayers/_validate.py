@@ -12,6 +12,20 @@ def check_float(op: str, name: str, t: torch.Tensor) -> None:
         )
 
 
+def check_matmul_operands(op: str, x: torch.Tensor, weight: torch.Tensor, in_dim: int,
+                          layout: str) -> None:
+    """x [..., in_features] against a 2-D float ``weight`` whose dim ``in_dim`` holds
+    in_features; ``layout`` names the weight's dims in messages, e.g. "[out, in]"."""
+    check_float(op, "input", x)
+    check_float(op, "weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D {layout}, got shape {tuple(weight.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[in_dim]:
+        raise ValueError(f"{op}: input has shape {tuple(x.shape)}, but weight "
+                         f"{tuple(weight.shape)} expects in_features={weight.shape[in_dim]} "
+                         f"in the last dim")
+
+
 def check_same(op: str, named: dict) -> None:
     """All tensors in ``named`` (name -> tensor or None) share one device and one dtype."""
     items = [(n, t) for n, t in named.items() if t is not None]

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from . import reference
 from ._backend import fp32_matmul_mode, use_triton
-from ._validate import autocast_dtype, check_float, check_same
+from ._validate import autocast_dtype, check_float, check_matmul_operands, check_same
 from .ops import eager
 from .ops import linear_relu as _lr
 from .ops import fixed_hidden as _fh, fixed_mlp as _fmlp, halve_until as _hu
@@ -26,16 +26,9 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
     the autocast dtype first, as F.linear would be.
     """
     op = "linear_relu"
-    check_float(op, "input", x)
-    check_float(op, "weight", weight)
+    check_matmul_operands(op, x, weight, 1, "[out_features, in_features]")
     if bias is not None:
         check_float(op, "bias", bias)
-    if weight.dim() != 2:
-        raise ValueError(f"{op}: weight must be 2-D [out_features, in_features], got shape "
-                         f"{tuple(weight.shape)}")
-    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{op}: input has shape {tuple(x.shape)}, but weight {tuple(weight.shape)} "
-                         f"expects in_features={weight.shape[1]} in the last dim")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},) to match weight "
                          f"{tuple(weight.shape)}, got {tuple(bias.shape)}")

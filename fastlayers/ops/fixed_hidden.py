@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .. import reference
 from .._backend import fp32_matmul_mode, use_triton
-from .._validate import autocast_dtype, check_float, check_same
+from .._validate import autocast_dtype, check_matmul_operands, check_same
 from ._dispatch import call, eager, needs_grad
 
 try:
@@ -82,15 +82,7 @@ def fixed_hidden(x: Tensor, weight: Tensor, c: float, fp32_mode: str) -> Tensor:
 def fixed_hidden_checked(x: Tensor, weight: Tensor, c=1.0) -> Tensor:
     """See :func:`fastlayers.functional.fixed_hidden` (validation, autocast, leading dims)."""
     opname = "fixed_hidden"
-    check_float(opname, "input", x)
-    check_float(opname, "weight", weight)
-    if weight.dim() != 2:
-        raise ValueError(f"{opname}: weight must be 2-D [in_features, out_features], got "
-                         f"shape {tuple(weight.shape)}")
-    if x.dim() == 0 or x.shape[-1] != weight.shape[0]:
-        raise ValueError(f"{opname}: input has shape {tuple(x.shape)}, but weight "
-                         f"{tuple(weight.shape)} expects in_features={weight.shape[0]} in the "
-                         f"last dim")
+    check_matmul_operands(opname, x, weight, 0, "[in_features, out_features]")
     if weight.requires_grad:
         raise ValueError(f"{opname}: the weight is frozen and gets no gradient, but it "
                          f"requires grad; pass weight.detach() (or use a Linear for a "
