@@ -9,10 +9,12 @@ from torch import Tensor
 from . import reference
 from ._backend import fp32_matmul_mode, use_triton
 from ._validate import autocast_dtype, check_float, check_matmul_operands, check_same
-from .ops import eager
-from .ops import linear_relu as _lr
-from .ops import fixed_hidden as _fh, fixed_mlp as _fmlp, halve_until as _hu
 from .ops import centered as _centered
+from .ops import eager
+from .ops import fixed_hidden as _fh
+from .ops import fixed_mlp as _fmlp
+from .ops import halve_until as _hu
+from .ops import linear_relu as _lr
 
 
 def linear_relu(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
