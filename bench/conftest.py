@@ -69,3 +69,17 @@ def record(benchmark, ceilings):
     return run
 
 
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Give every fastlayers result the speedup over each baseline of its case (baseline
+    time / ours, same run), so the JSON alone carries the ratios."""
+    from bench.report import OURS, group
+
+    rows = [b["extra_info"] for b in output_json.get("benchmarks", []) if "op" in b["extra_info"]]
+    for variants in group(rows).values():
+        ours = variants.get(OURS)
+        if ours is None:
+            continue
+        ours["speedup"] = {name: row["median_ms"] / ours["median_ms"]
+                           for name, row in variants.items() if name != OURS}

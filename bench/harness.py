@@ -6,7 +6,8 @@ synchronisation, so a per-call time is max(host overhead, device time). Inputs r
 over enough copies to exceed the GPU's L2 cache. Each result's ``extra_info`` carries the
 op, variant (ours or a baseline), pass, dtype, shape, per-call median, TFLOP/s, GB/s on
 minimal bytes and the ceilings measured in the same run, so ``python -m bench.report``
-can print ratios and % of roofline from the JSON alone.
+can print ratios and % of roofline from the JSON alone; bench/conftest.py adds each
+fastlayers result's speedup over every baseline of its case to the JSON.
 """
 import math
 import os
