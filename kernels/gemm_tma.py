@@ -68,9 +68,12 @@ def _tile_pid(tile_id, num_pid_in_group, num_pid_m, GROUP_M: tl.constexpr):
 @triton.jit
 def _load_a(desc, off_m, off_k, K_CONTIG: tl.constexpr):
     """The [BM, BK] tile of an A-shaped operand at (off_m, off_k)."""
+    # if/else, not an early return: the compiler type-checks the statements after a
+    # constexpr-true `if` too, and this one's [BK, BM] box gives the wrong shape there.
     if K_CONTIG:
         return desc.load([off_m, off_k])
-    return desc.load([off_k, off_m]).T
+    else:
+        return desc.load([off_k, off_m]).T
 
 
 @triton.jit
@@ -130,9 +133,11 @@ def _fused_gemm_tma_kernel(
             acc = tl.where(acc < 0, 0.0, acc)
         c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-        if ROWSUM:
-            if pid_n == 0:
-                tl.store(rowsum_ptr + rm, rsum.to(rowsum_ptr.dtype.element_ty), mask=m_ok)
+        if ROWSUM:  # only pid_n == 0 stores: a mask, as an `if` in this flattened loop
+            # breaks triton 3.6's TritonGPUFuseNestedLoops pass (and `m_ok & (pid_n == 0)`
+            # gives a mask the 3.9 interpreter rejects)
+            tl.store(rowsum_ptr + rm, rsum.to(rowsum_ptr.dtype.element_ty),
+                     mask=rm < tl.where(pid_n == 0, M, 0))
 
 
 def launch(a, b, gate, bias, c, rs, scalar, flags, cfg, num_programs):
