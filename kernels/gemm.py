@@ -44,13 +44,15 @@ TMA_MIN_OUTPUTS = 1 << 16
 def heuristic_config(M: int, N: int, K: int, elsize: int) -> dict:
     """A good launch config for a Hopper-class GPU without autotuning (the default: no
     tuning pause on each new shape). Set FASTLAYERS_AUTOTUNE=1 to search _CONFIGS instead."""
-    bk = 64 if elsize == 2 else 32
+    # A K step no longer than K needs (each thread holds a pointer per loaded element:
+    # oversized tiles of small, unaligned K spill registers).
+    bk = min(64 if elsize == 2 else 32, max(16, triton.next_power_of_2(K)))
     if M <= 64:  # skinny: one row-tile, long K steps
         bm = max(16, triton.next_power_of_2(M))
         return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=2 * bk, GROUP_M=8, num_warps=4, num_stages=3)
     if N <= 64 or K <= 64:  # memory-bound: small tiles, many programs in flight per SM
         return dict(BLOCK_M=128, BLOCK_N=max(32, min(64, triton.next_power_of_2(N))), BLOCK_K=bk,
-                    GROUP_M=8, num_warps=4, num_stages=3)
+                    GROUP_M=8, num_warps=4 if elsize == 2 else 8, num_stages=3)
     if elsize == 2 and N >= 256:
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3)
@@ -75,9 +77,9 @@ def _prune(configs, named_args, **kwargs):
 @triton.jit
 def _fused_gemm_kernel(
     a_ptr, b_ptr, gate_ptr, bias_ptr, c_ptr, rowsum_ptr,
-    M, N, K, M_BUCKET,
+    M, N, K, M_BUCKET, K_PER_SPLIT,
     stride_am, stride_ak, stride_bk, stride_bn,
-    stride_gm, stride_gk, stride_cm, stride_cn,
+    stride_gm, stride_gk, stride_cm, stride_cn, stride_cs, stride_rs,
     scalar,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALAR: tl.constexpr,
     RELU: tl.constexpr, ROWSUM: tl.constexpr,
@@ -94,19 +96,25 @@ def _fused_gemm_kernel(
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
 
+    # Split-K: program (pid, pid_k) reduces K range [k_lo, k_lo + K_PER_SPLIT) into slice
+    # pid_k of an fp32 workspace (stride_cs / stride_rs apart); one split: k_lo = 0.
+    pid_k = tl.program_id(1)
+    k_lo = (pid_k * K_PER_SPLIT).to(tl.int64)
+    k_len = tl.minimum(K - pid_k * K_PER_SPLIT, K_PER_SPLIT)
+
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
-    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak
-    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn
-    g_ptrs = gate_ptr + rm[:, None] * stride_gm + rk[None, :] * stride_gk
+    a_ptrs = a_ptr + rm[:, None] * stride_am + (k_lo + rk[None, :]) * stride_ak
+    b_ptrs = b_ptr + (k_lo + rk[:, None]) * stride_bk + rn[None, :] * stride_bn
+    g_ptrs = gate_ptr + rm[:, None] * stride_gm + (k_lo + rk[None, :]) * stride_gk
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     rsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = rk < K - k * BLOCK_K
+    for k in range(0, tl.cdiv(k_len, BLOCK_K)):
+        k_ok = rk < k_len - k * BLOCK_K
         a_mask = m_ok[:, None] & k_ok[None, :]
         a = tl.load(a_ptrs, mask=a_mask, other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
@@ -132,14 +140,15 @@ def _fused_gemm_kernel(
         acc += scalar
     if RELU:
         acc = tl.where(acc < 0, 0.0, acc)  # keeps NaN, like torch.relu
-    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    c_ptrs = c_ptr + pid_k.to(tl.int64) * stride_cs + rm[:, None] * stride_cm + rn[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
     if ROWSUM:
         if pid_n == 0:
-            tl.store(rowsum_ptr + rm, rsum.to(rowsum_ptr.dtype.element_ty), mask=m_ok)
+            tl.store(rowsum_ptr + pid_k.to(tl.int64) * stride_rs + rm,
+                     rsum.to(rowsum_ptr.dtype.element_ty), mask=m_ok)
 
 
-_KEY = ["M_BUCKET", "N", "K", "HAS_GATE", "HAS_BIAS", "RELU", "ROWSUM", "PRECISION"]
+_KEY = ["M_BUCKET", "N", "K", "HAS_GATE", "HAS_BIAS", "RELU", "ROWSUM", "PRECISION", "UPCAST"]
 _fused_gemm_autotuned = triton.autotune(
     configs=[
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
@@ -150,8 +159,18 @@ _fused_gemm_autotuned = triton.autotune(
 )(_fused_gemm_kernel)
 
 
+def split_k_count(M: int, N: int, K: int, cfg: dict, sms: int) -> int:
+    """K splits that fill the GPU when the output has fewer tiles than SMs (the weight
+    gradient of a tall, thin Linear: a 64x64 output reduced over 262144 rows would
+    otherwise run on one SM). At least 4 K steps per split; 1 when the tiles suffice."""
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    if tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, tiles), K // (4 * cfg["BLOCK_K"]), 1024))
+
+
 def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=False,
-               fp32_mode="ieee", path="auto", config=None):
+               fp32_mode="ieee", path="auto", config=None, split_k=None):
     """Launch the fused GEMM.
 
     a: [M, K] and b: [K, N], same float dtype (fp32, fp16 or bf16), same device, any strides.
@@ -164,6 +183,9 @@ def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=Fa
     GPU when the operands allow it), "tma" or "pointer" (forced; for tests and A/B runs).
     config: optional launch config dict (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps,
     num_stages) replacing the shape heuristic on a GPU (for sweeps).
+    split_k: K splits of the pointer kernel (default: :func:`split_k_count` on a GPU, 1 in
+    the interpreter); splits > 1 reduce into an fp32 workspace summed in a fixed order
+    (deterministic), so they need an epilogue-free GEMM (no bias, scalar or relu).
     Returns C [M, N] contiguous in a's dtype, or (C, rowsum [M]) when rowsum is True.
     """
     M, K = a.shape
@@ -173,17 +195,10 @@ def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=Fa
     if M == 0 or N == 0 or K == 0:
         _degenerate(c, rs, bias, scalar, relu)
         return (c, rs) if rowsum else c
-    gate_t = gate if gate is not None else a
-    args = (
-        a, b, gate_t, bias if bias is not None else c, c, rs if rowsum else c,
-        M, N, K, triton.next_power_of_2(M),
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        gate_t.stride(0), gate_t.stride(1), c.stride(0), c.stride(1),
-        0.0 if scalar is None else float(scalar),
-    )
     flags = dict(
         HAS_GATE=gate is not None, HAS_BIAS=bias is not None, HAS_SCALAR=scalar is not None,
         RELU=relu, ROWSUM=rowsum, PRECISION=dot_precision(a.dtype, fp32_mode),
+        UPCAST=interpreting() and a.dtype != torch.float32,
     )
     if path == "tma" and not gemm_tma.eligible(a, b, gate):
         raise ValueError("fused_gemm: path='tma' needs 16-byte aligned operands with a "
@@ -193,29 +208,62 @@ def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=Fa
     use_tma = path == "tma" or (path == "auto" and tma_enabled() and not interpreting()
                                 and not autotuning() and a.is_cuda and M * N >= TMA_MIN_OUTPUTS
                                 and gemm_tma.eligible(a, b, gate))
-    if use_tma:
-        cfg = INTERPRETER_CONFIG if interpreting() else \
-            config or heuristic_config(M, N, K, a.element_size())
-        per_sm = 2 if cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 128 * 64 else 1
-        with device_guard(a):
-            gemm_tma.launch(a, b, gate, bias, c, rs, scalar,
-                            dict(flags, UPCAST=interpreting() and a.dtype != torch.float32),
-                            cfg, per_sm * sm_count(a.device.index or 0) if a.is_cuda else 4)
-    elif interpreting():
-        cfg = INTERPRETER_CONFIG
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        _fused_gemm_kernel[grid](*args, **flags, UPCAST=a.dtype != torch.float32, **cfg)
-    elif autotuning():
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        with device_guard(a):
-            _fused_gemm_autotuned[grid](*args, **flags, UPCAST=False)
-    else:
-        cfg = config or heuristic_config(M, N, K, a.element_size())
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-        with device_guard(a):
-            _fused_gemm_kernel[grid](*args, **flags, UPCAST=False, **cfg)
+    cfg = INTERPRETER_CONFIG if interpreting() else \
+        config or heuristic_config(M, N, K, a.element_size())
+    with device_guard(a):
+        if use_tma:
+            per_sm = 2 if cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 128 * 64 else 1
+            sms = sm_count(a.device.index or 0) if a.is_cuda else 4
+            gemm_tma.launch(a, b, gate, bias, c, rs, scalar, flags, cfg, per_sm * sms)
+        elif autotuning() and not interpreting():
+            _launch_pointer(_fused_gemm_autotuned, a, b, gate, bias, scalar, c, rs, flags, {}, 1)
+        else:
+            epilogue = bias is not None or scalar is not None or relu
+            if split_k is None:
+                split_k = 1 if interpreting() or epilogue else \
+                    split_k_count(M, N, K, cfg, sm_count(a.device.index or 0))
+            if split_k > 1 and epilogue:
+                raise ValueError("fused_gemm: split_k > 1 needs a GEMM without bias, scalar "
+                                 "or relu (the epilogue runs once, on the whole sum)")
+            _launch_pointer(_fused_gemm_kernel, a, b, gate, bias, scalar, c, rs, flags, cfg,
+                            split_k)
     return (c, rs) if rowsum else c
+
+
+def _launch_pointer(kernel, a, b, gate, bias, scalar, c, rs, flags, cfg, split_k):
+    """Launch the pointer kernel (fixed ``cfg``, or autotuned when ``cfg`` is empty) with
+    ``split_k`` K splits; splits go to fp32 workspaces summed over the split axis."""
+    M, K = a.shape
+    N = b.shape[1]
+    c_out, rs_out = c, rs
+    k_per_split = K
+    if split_k > 1:
+        step = cfg["BLOCK_K"]
+        k_per_split = triton.cdiv(triton.cdiv(K, split_k), step) * step
+        split_k = triton.cdiv(K, k_per_split)
+        c_out = torch.empty((split_k, M, N), device=a.device, dtype=torch.float32)
+        rs_out = torch.empty((split_k, M), device=a.device, dtype=torch.float32) \
+            if rs is not None else None
+    gate_t = gate if gate is not None else a
+    dummy = c_out
+    args = (
+        a, b, gate_t, bias if bias is not None else dummy, c_out,
+        rs_out if rs_out is not None else dummy,
+        M, N, K, triton.next_power_of_2(M), k_per_split,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        gate_t.stride(0), gate_t.stride(1), c_out.stride(-2), c_out.stride(-1),
+        M * N if split_k > 1 else 0, M if split_k > 1 else 0,
+        0.0 if scalar is None else float(scalar),
+    )
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
+
+    kernel[grid](*args, **flags, **cfg)
+    if split_k > 1:
+        c.copy_(c_out.sum(0))
+        if rs is not None:
+            rs.copy_(rs_out.sum(0))
 
 
 def _degenerate(c, rs, bias, scalar, relu):

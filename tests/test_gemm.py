@@ -7,7 +7,8 @@ from _util import assert_close_to_ref, randn
 from conftest import HAS_TRITON, KERNEL_DEVICE
 
 if HAS_TRITON:
-    from fastlayers.kernels.gemm import INTERPRETER_CONFIG, fused_gemm, heuristic_config
+    from fastlayers.kernels.gemm import (INTERPRETER_CONFIG, fused_gemm, heuristic_config,
+                                         split_k_count)
     from fastlayers.kernels.gemm_tma import eligible
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed here")
@@ -106,3 +107,35 @@ def test_heuristic_configs_fit_shared_memory():
             assert smem <= 227 * 1024, (M, N, K, elsize, cfg)
             assert min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) >= 16
     assert INTERPRETER_CONFIG["BLOCK_M"] == BLOCK
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_split_k_with_gate_and_rowsum(dtype, splits):
+    """Split-K (the weight gradient of a tall, thin Linear): K ranges that end mid-tile,
+    more splits than K steps, a transposed gated A as in the weight-gradient GEMM."""
+    M, K, N = BLOCK + 3, 5 * BLOCK + 11, BLOCK - 7
+    a = operand(M, K, True, dtype)
+    gate = operand(M, K, True, dtype)
+    b = operand(K, N, False, dtype, scale=K ** -0.5)
+    c, rs = fused_gemm(a, b, gate=gate, rowsum=True, split_k=splits, path="pointer")
+    ref_c, ref_rs = ref_gemm(a, b, gate)
+    assert c.dtype == dtype and c.shape == (M, N) and rs.shape == (M,)
+    assert_close_to_ref(c, ref_c, dtype, what="C")
+    assert_close_to_ref(rs, ref_rs, dtype, what="rowsum")
+    again = fused_gemm(a, b, gate=gate, rowsum=True, split_k=splits, path="pointer")
+    assert torch.equal(c, again[0]) and torch.equal(rs, again[1])  # fixed-order sums
+
+
+def test_split_k_refuses_an_epilogue():
+    a, b = operand(8, 64, False, torch.float32), operand(64, 8, False, torch.float32)
+    with pytest.raises(ValueError, match="split_k > 1 needs a GEMM without bias"):
+        fused_gemm(a, b, relu=True, split_k=2)
+
+
+def test_split_k_count_fills_the_gpu_only_when_tiles_are_few():
+    cfg = heuristic_config(64, 64, 262144, 2)
+    assert split_k_count(64, 64, 262144, cfg, 132) >= 132  # one tile: spread K over SMs
+    big = heuristic_config(4096, 4096, 8192, 2)
+    assert split_k_count(4096, 4096, 8192, big, 132) == 1   # 512 tiles already fill it
+    assert split_k_count(64, 64, 100, cfg, 132) == 1        # too little K to split
