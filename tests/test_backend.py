@@ -8,6 +8,7 @@ import torch
 
 import fastlayers
 from fastlayers import _backend
+from fastlayers import functional as F
 
 
 def run_python(code: str, **env):
@@ -78,3 +79,16 @@ def test_kernel_dtypes_only():
     x = torch.randn(2, 3, dtype=torch.float64)
     with fastlayers.use_backend("triton"):
         assert not _backend.use_triton(x)  # float64 always falls back to torch
+
+
+@pytest.mark.skipif(_backend.TRITON_ERROR is not None, reason="triton is not installed here")
+@pytest.mark.parametrize("call", [
+    lambda: F.linear_relu(torch.randn(2, 3), torch.randn(4, 3)),
+    lambda: F.centered(torch.randn(2, 3)),
+    lambda: F.fixed_hidden(torch.randn(2, 3), torch.rand(3, 4)),
+    lambda: F.halve_until(torch.randn(2, 3) * 10),
+], ids=["linear_relu", "centered", "fixed_hidden", "halve_until"])
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch, call):
+    monkeypatch.setattr(_backend, "interpreting", lambda: False)
+    with fastlayers.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        call()
