@@ -56,8 +56,6 @@ def main(argv):
                     continue
                 show(f"{path} {bm}x{bn}x{bk} w{nw} s{ns}",
                      lambda: fused_gemm(x, w.t(), bias=b, relu=True, path=path, config=cfg))
-        del x, w, b
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
