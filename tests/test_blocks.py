@@ -1,52 +1,24 @@
-"""The seed's blocks as drop-ins: FixedHiddenMLP (fused small-d kernel and the composed
+"""FixedHiddenMLP as a drop-in for the seed's block (fused small-d kernel, the composed
 path, torch fallback) against a literal copy of the seed's module and a float64
-reference; same loop count, gradients, state_dicts from the seed; NestMLP and
-MySequential; the seed's chain eager and under torch.compile(fullgraph=True); errors."""
+reference: same loop count, gradients, state_dicts from the seed, errors. NestMLP,
+MySequential and the seed's chain are in test_nest_and_sequential.py."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as TF
-from torch import nn
 
 import fastlayers
 from fastlayers import functional as F
-from fastlayers._seed import MySequential as SeedMySequential
 from fastlayers.ops import fixed_mlp as ops
 
+from _seed_eager import SeedFixedHiddenMLP
 from _util import REL_TOL, assert_close_to_ref, randn
 from conftest import requires_triton
 
 # the interpreter's numpy warns on fp32 overflow to inf, which these tests mean to cause
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-# ------------------------------------------------------------------ the seed, literally
-class SeedFixedHiddenMLP(nn.Module):
-    def __init__(self, reduce=None):
-        super().__init__()
-        self.rand_weight = torch.rand((20, 20), requires_grad=False)
-        self.linear = nn.Linear(20, 20)
-        self.reduce = reduce
-
-    def forward(self, X):
-        X = self.linear(X)
-        X = TF.relu(torch.mm(X, self.rand_weight) + 1)
-        X = self.linear(X)
-        while X.abs().sum() > 1:
-            X /= 2
-        return X.sum() if self.reduce == "sum" else X
-
-
-class SeedNestMLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU())
-        self.linear = nn.Linear(32, 16)
-
-    def forward(self, X):
-        return self.linear(self.net(X))
 
 
 def loop_count(y, threshold=1.0):
@@ -197,7 +169,7 @@ def test_shapes_empty_batch_and_leading_dims(backend):
     empty = mlp(torch.empty(0, 20, device=backend))
     assert empty.shape == (0, 20)
     s = fastlayers.FixedHiddenMLP(reduce="sum").to(backend)(torch.empty(0, 20, device=backend))
-    assert s.shape == () and float(s) == 0.0
+    assert s.shape == () and float(s.detach()) == 0.0
 
 
 def test_inf_and_nan_return_quickly_and_check_raises(backend, monkeypatch):
@@ -250,102 +222,6 @@ def test_to_moves_the_buffer_and_dtype():
     expected = expected * 2.0 ** -loop_count(expected)
     torch.testing.assert_close(mlp(x), expected.sum(), rtol=1e-12, atol=0)
     assert "reduce='sum'" in repr(mlp)
-
-
-# ------------------------------------------------------------------ NestMLP, MySequential
-def test_nest_mlp_is_the_seeds_with_fused_layers():
-    torch.manual_seed(4)
-    seed = SeedNestMLP()
-    torch.manual_seed(4)
-    ours = fastlayers.NestMLP()
-    assert list(ours.state_dict()) == list(seed.state_dict())
-    for key, value in seed.state_dict().items():
-        assert torch.equal(ours.state_dict()[key], value), key
-    assert isinstance(ours.net[0], fastlayers.LinearReLU)
-    seed.load_state_dict(ours.state_dict(), strict=True)
-    x = torch.randn(7, 20)
-    with fastlayers.use_backend("torch"):
-        assert torch.equal(ours(x), seed(x))
-
-
-def test_nest_mlp_through_kernels(backend):
-    ours = fastlayers.NestMLP().to(backend)
-    x = randn(5, 20, device=backend).requires_grad_(True)
-    y = ours(x)
-    w = {k: v.double() for k, v in ours.state_dict().items()}
-    h = torch.relu(TF.linear(x.double(), w["net.0.weight"], w["net.0.bias"]))
-    h = torch.relu(TF.linear(h, w["net.2.weight"], w["net.2.bias"]))
-    assert_close_to_ref(y, TF.linear(h, w["linear.weight"], w["linear.bias"]))
-    y.sum().backward()
-    assert x.grad is not None and ours.net[0].weight.grad is not None
-
-
-def test_my_sequential_container():
-    a, b, c = nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 3)
-    seq = fastlayers.MySequential(a, b, c)
-    seed = SeedMySequential(a, b, c)
-    assert list(seq._modules) == ["0", "1", "2"] and len(seq) == 3
-    assert list(seq) == [a, b, c] and seq[0] is a and seq[-1] is c
-    assert isinstance(seq[1:], fastlayers.MySequential) and list(seq[1:]) == [b, c]
-    assert list(seq.state_dict()) == list(seed.state_dict()) == \
-        ["0.weight", "0.bias", "2.weight", "2.bias"]
-    x = torch.randn(4, 20)
-    assert torch.equal(seq(x), seed(x))
-    with pytest.raises(IndexError, match="out of range"):
-        seq[3]
-    with pytest.raises(TypeError, match="argument 1"):
-        fastlayers.MySequential(a, "relu")
-    assert len(fastlayers.MySequential()) == 0
-
-
-# ------------------------------------------------------------------ the seed's chain
-def _chains():
-    torch.manual_seed(0)
-    seed = nn.Sequential(SeedNestMLP(), nn.Linear(16, 20), SeedFixedHiddenMLP(reduce="sum"))
-    ours = nn.Sequential(fastlayers.NestMLP(), nn.Linear(16, 20),
-                         fastlayers.FixedHiddenMLP(reduce="sum"))
-    ours.load_state_dict(seed.state_dict(), strict=True)
-    ours[2].rand_weight.copy_(seed[2].rand_weight)
-    return seed, ours
-
-
-def test_chain_eager_and_compiled_equal_the_seed(backend):
-    torch._dynamo.reset()
-    seed, ours = _chains()
-    ours = ours.to(backend)
-    x = randn(2, 20, device=backend)
-    with torch.no_grad():
-        expected = seed(x.cpu())
-        eager = ours(x)
-        compiled = torch.compile(ours, fullgraph=True)(x)
-    assert eager.shape == compiled.shape == ()
-    if fastlayers.get_backend() == "torch":  # the seed's own ops: bit for bit
-        assert torch.equal(eager.cpu(), expected)
-    torch.testing.assert_close(eager.cpu(), expected, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-8)
-
-
-def test_chain_backward_under_compile_matches_eager(backend):
-    torch._dynamo.reset()
-    _, ours = _chains()
-    ours = ours.to(backend)
-    x = randn(6, 20, device=backend).requires_grad_(True)
-    ours(x).backward()
-    eager = [x.grad.clone()] + [p.grad.clone() for p in ours.parameters()]
-    x.grad = None
-    ours.zero_grad()
-    torch.compile(ours, fullgraph=True)(x).backward()
-    compiled = [x.grad] + [p.grad for p in ours.parameters()]
-    for e, c in zip(eager, compiled):
-        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-7)
-
-
-def test_my_sequential_chain_compiles(backend):
-    torch._dynamo.reset()
-    chain = fastlayers.MySequential(fastlayers.NestMLP(), nn.Linear(16, 20),
-                                    fastlayers.FixedHiddenMLP()).to(backend)
-    x = randn(3, 20, device=backend)
-    torch.testing.assert_close(torch.compile(chain, fullgraph=True)(x), chain(x))
 
 
 # ------------------------------------------------------------------ errors

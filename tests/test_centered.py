@@ -131,6 +131,8 @@ def test_16bit_mean_is_accumulated_and_applied_in_fp32(backend, dtype, dim):
     assert_close_to_ref(F.centered(x, dim), ref64(x, dim), dtype)
 
 
+# inf - inf = nan is the point here; the interpreter's numpy warns about it
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 def test_matches_torch_on_inf_and_nan(backend):
     x = randn(4, 33, device=backend)
     x[1, 3] = float("inf")
