@@ -43,16 +43,24 @@ TMA_MIN_OUTPUTS = 1 << 16
 
 def heuristic_config(M: int, N: int, K: int, elsize: int) -> dict:
     """A good launch config for a Hopper-class GPU without autotuning (the default: no
-    tuning pause on each new shape). Set FASTLAYERS_AUTOTUNE=1 to search _CONFIGS instead."""
+    tuning pause on each new shape). Set FASTLAYERS_AUTOTUNE=1 to search _CONFIGS instead.
+
+    N or K not a multiple of 16 (odd layer sizes) means unvectorised loads, one pointer
+    register per element: such shapes get short K steps and 8 warps, which keep the big
+    tiles free of register spills (ptxas, sm_90: tests/sm90_compile.py)."""
+    aligned = N % 16 == 0 and K % 16 == 0
     # A K step no longer than K needs (each thread holds a pointer per loaded element:
     # oversized tiles of small, unaligned K spill registers).
-    bk = min(64 if elsize == 2 else 32, max(16, triton.next_power_of_2(K)))
+    bk = min(64 if elsize == 2 and aligned else 32, max(16, triton.next_power_of_2(K)))
     if M <= 64:  # skinny: one row-tile, long K steps
         bm = max(16, triton.next_power_of_2(M))
-        return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=2 * bk, GROUP_M=8, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=2 * bk if aligned else bk, GROUP_M=8,
+                    num_warps=4, num_stages=3)
     if N <= 64 or K <= 64:  # memory-bound: small tiles, many programs in flight per SM
         return dict(BLOCK_M=128, BLOCK_N=max(32, min(64, triton.next_power_of_2(N))), BLOCK_K=bk,
-                    GROUP_M=8, num_warps=4 if elsize == 2 else 8, num_stages=3)
+                    GROUP_M=8, num_warps=4 if elsize == 2 and aligned else 8, num_stages=3)
+    if not aligned:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3)
     if elsize == 2 and N >= 256:
         return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3)
@@ -182,7 +190,8 @@ def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=Fa
     path: "auto" (the pointer kernel; with FASTLAYERS_TMA=1 the persistent TMA kernel on a
     GPU when the operands allow it), "tma" or "pointer" (forced; for tests and A/B runs).
     config: optional launch config dict (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps,
-    num_stages) replacing the shape heuristic on a GPU (for sweeps).
+    num_stages) replacing the shape heuristic (for sweeps; in the interpreter, for tests of
+    the GPU's tile shapes).
     split_k: K splits of the pointer kernel (default: :func:`split_k_count` on a GPU, 1 in
     the interpreter); splits > 1 reduce into an fp32 workspace summed in a fixed order
     (deterministic), so they need an epilogue-free GEMM (no bias, scalar or relu).
@@ -208,8 +217,8 @@ def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=Fa
     use_tma = path == "tma" or (path == "auto" and tma_enabled() and not interpreting()
                                 and not autotuning() and a.is_cuda and M * N >= TMA_MIN_OUTPUTS
                                 and gemm_tma.eligible(a, b, gate))
-    cfg = INTERPRETER_CONFIG if interpreting() else \
-        config or heuristic_config(M, N, K, a.element_size())
+    cfg = config or (INTERPRETER_CONFIG if interpreting() else
+                     heuristic_config(M, N, K, a.element_size()))
     with device_guard(a):
         if use_tma:
             per_sm = 2 if cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 128 * 64 else 1

@@ -37,7 +37,9 @@ import torch  # noqa: E402
 
 ARCH = 90
 SMS = 132  # streaming multiprocessors of an H100 SXM and of an H200
-GEMM_SHAPES = [(8192, 4096, 4096), (65536, 256, 256), (262144, 64, 64), (2, 8, 64)]  # M, N, K
+# M, N, K: the benchmark shapes, then odd sizes (unvectorised loads, the most registers)
+GEMM_SHAPES = [(8192, 4096, 4096), (65536, 256, 256), (262144, 64, 64), (2, 8, 64),
+               (8191, 4095, 4097)]
 SKIP_RC = 77
 PRECISIONS = [("fp32-ieee", torch.float32, "ieee"), ("fp32-tf32", torch.float32, "tf32"),
               ("bf16", torch.bfloat16, "ieee"), ("fp16", torch.float16, "ieee")]  # GEMM inputs

@@ -100,7 +100,7 @@ def test_stride_zero_operand():
 
 def test_heuristic_configs_fit_shared_memory():
     for M, N, K in [(8192, 4096, 4096), (65536, 256, 256), (262144, 64, 64), (2, 8, 64),
-                    (1, 1, 1), (100, 3, 1000)]:
+                    (1, 1, 1), (100, 3, 1000), (8191, 4095, 4097), (4096, 70, 70), (60, 60, 60)]:
         for elsize in (2, 4):
             cfg = heuristic_config(M, N, K, elsize)
             smem = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elsize
@@ -108,6 +108,31 @@ def test_heuristic_configs_fit_shared_memory():
             assert min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) >= 16
     assert INTERPRETER_CONFIG["BLOCK_M"] == BLOCK
 
+
+
+# The GPU's tile shapes, one per branch of heuristic_config (chosen for the big shape),
+# run on small shapes that leave partial tiles in M, N and K, and a K tail in every step.
+GPU_SHAPES = [(8192, 4096, 4096), (65536, 256, 256), (262144, 64, 64), (2, 8, 64),
+              (8191, 4095, 4097), (4096, 70, 70)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("big", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gpu_heuristic_tiles_are_correct(big, dtype):
+    cfg = heuristic_config(*big, torch.empty(0, dtype=dtype).element_size())
+    M, N = min(big[0], cfg["BLOCK_M"] + 3), cfg["BLOCK_N"] + 5
+    K = 2 * cfg["BLOCK_K"] + 7
+    a, gate = operand(M, K, False, dtype), operand(M, K, True, dtype)
+    b = operand(K, N, True, dtype, scale=K ** -0.5)
+    bias = randn(N, dtype=dtype, device=KERNEL_DEVICE)
+    c = fused_gemm(a, b, bias=bias, scalar=0.5, relu=True, config=cfg, path="pointer")
+    assert_close_to_ref(c, ref_gemm(a, b, None, bias, 0.5, relu=True)[0], dtype, what="C")
+    for splits in (1, 2):  # the backward's gated GEMM, whole and split over K
+        c, rs = fused_gemm(a, b, gate=gate, rowsum=True, config=cfg, split_k=splits,
+                           path="pointer")
+        ref_c, ref_rs = ref_gemm(a, b, gate)
+        assert_close_to_ref(c, ref_c, dtype, what=f"gated C, {splits} split(s)")
+        assert_close_to_ref(rs, ref_rs, dtype, what=f"rowsum, {splits} split(s)")
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("splits", [2, 3, 7])
