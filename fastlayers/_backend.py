@@ -79,8 +79,8 @@ def _device_choice(device_type: str):
 
 def use_triton(t: torch.Tensor) -> bool:
     """True when the op for tensor ``t`` should run the Triton kernel."""
-    if t.dtype not in KERNEL_DTYPES:
-        return False
+    if t.dtype not in KERNEL_DTYPES or (_backend == "auto" and not t.is_cuda):
+        return False  # the second test: _device_choice's answer, without its cost
     path, reason = _device_choice(t.device.type)
     if path == "error":
         raise RuntimeError(f"fastlayers: {reason} (tensor on {t.device})")
