@@ -69,8 +69,6 @@ def record(benchmark, ceilings):
     return run
 
 
-
-
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     """Give every fastlayers result the speedup over each baseline of its case (baseline
     time / ours, same run), so the JSON alone carries the ratios."""

@@ -46,8 +46,8 @@ def heuristic_config(M: int, N: int, K: int, elsize: int) -> dict:
     tuning pause on each new shape). Set FASTLAYERS_AUTOTUNE=1 to search _CONFIGS instead.
 
     N or K not a multiple of 16 (odd layer sizes) means unvectorised loads, one pointer
-    register per element: such shapes get short K steps and 8 warps, which keep the big
-    tiles free of register spills (ptxas, sm_90: tests/sm90_compile.py)."""
+    register per element: such shapes get short K steps (and 8 warps on tall ones), which
+    keep the tiles nearly free of register spills (ptxas, sm_90: tests/sm90_compile.py)."""
     aligned = N % 16 == 0 and K % 16 == 0
     # A K step no longer than K needs (each thread holds a pointer per loaded element:
     # oversized tiles of small, unaligned K spill registers).

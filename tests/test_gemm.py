@@ -109,7 +109,6 @@ def test_heuristic_configs_fit_shared_memory():
     assert INTERPRETER_CONFIG["BLOCK_M"] == BLOCK
 
 
-
 # The GPU's tile shapes, one per branch of heuristic_config (chosen for the big shape),
 # run on small shapes that leave partial tiles in M, N and K, and a K tail in every step.
 GPU_SHAPES = [(8192, 4096, 4096), (65536, 256, 256), (262144, 64, 64), (2, 8, 64),
@@ -133,6 +132,7 @@ def test_gpu_heuristic_tiles_are_correct(big, dtype):
         ref_c, ref_rs = ref_gemm(a, b, gate)
         assert_close_to_ref(c, ref_c, dtype, what=f"gated C, {splits} split(s)")
         assert_close_to_ref(rs, ref_rs, dtype, what=f"rowsum, {splits} split(s)")
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("splits", [2, 3, 7])

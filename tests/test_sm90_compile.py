@@ -64,4 +64,3 @@ def test_every_kernel_compiles_for_sm90():
         r"^(OK .*?spill=(\d+)/(\d+)B.*)$", out, re.MULTILINE)]
     heavy = [(label, n) for label, n in spills if n > SPILL_BUDGET_BYTES]
     assert spills and not heavy, f"compiles spilling > {SPILL_BUDGET_BYTES} B: {heavy}"
-

@@ -104,4 +104,3 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], fp32_mode: st
     if needs_grad(x, weight, bias):
         return LinearReLUFunction.apply(x, weight, bias, fp32_mode)
     return call(fwd_op, _fwd, x, weight, bias, fp32_mode)
-
