@@ -174,6 +174,8 @@ def _match(got, want, exact: bool, rtol: float = CLOSE_RTOL):
     if isinstance(want, (list, tuple)):
         if not isinstance(got, (list, tuple)) or len(got) != len(want):
             return False, "different lengths"
+        if not want:
+            return True, "both empty"
         results = [_match(g, w, exact, rtol) for g, w in zip(got, want)]
         return all(ok for ok, _ in results), f"{len(want)} items match" \
             if all(ok for ok, _ in results) else "items differ"

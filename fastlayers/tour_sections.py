@@ -330,7 +330,7 @@ def gpus(t):
     t.compare("try_gpu(), try_gpu(10)", lambda: (fastlayers.device.try_gpu(),
                                                   fastlayers.device.try_gpu(10)),
               lambda: (_seed.try_gpu(), _seed.try_gpu(10)))
-    t.compare("try_all_gpus() (the seed gives [] without a GPU; fastlayers [cpu])",
+    t.compare("try_all_gpus(): the seed's GPUs (ours adds cpu if none)",
               lambda: [d for d in fastlayers.device.try_all_gpus() if d.type == "cuda"],
               lambda: _seed.try_all_gpus())
     X = torch.ones(2, 3, device=fastlayers.device.try_gpu())
