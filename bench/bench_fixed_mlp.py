@@ -5,32 +5,15 @@ GB/s count minimal bytes (read x, write y; with the backward also read dy, write
 import pytest
 import torch
 import torch.nn.functional as TF
-from torch import nn
 
 import fastlayers
 from fastlayers import functional as F
+from fastlayers._seed import FixedHiddenMLPEager as SeedFixedHiddenMLP
 
 from bench.harness import DEVICE, ON_GPU, dtype_name, gpu_or_cpu
 
 BATCHES = gpu_or_cpu([2, 4096, 2 ** 20], [2, 4096])
 D = 20
-
-
-class SeedFixedHiddenMLP(nn.Module):
-    """The seed's module, literally."""
-
-    def __init__(self):
-        super().__init__()
-        self.rand_weight = torch.rand((20, 20), requires_grad=False)
-        self.linear = nn.Linear(20, 20)
-
-    def forward(self, X):
-        X = self.linear(X)
-        X = TF.relu(torch.mm(X, self.rand_weight) + 1)
-        X = self.linear(X)
-        while X.abs().sum() > 1:
-            X /= 2
-        return X
 
 
 def _modules():

@@ -1,6 +1,6 @@
 """The seed's plain-torch code (Dive into Deep Learning, "Builders' Guide"), verbatim where
-possible: the reference the tour (``python -m fastlayers``) and the tests check fastlayers
-against. Nothing here uses fastlayers.
+possible: the reference the tour (``python -m fastlayers``), the tests and the benchmarks
+check fastlayers against. Nothing here uses fastlayers.
 """
 import torch
 from torch import nn
@@ -55,6 +55,34 @@ class NestMLP(nn.Module):
         self.net = nn.Sequential(nn.LazyLinear(64), nn.ReLU(),
                                  nn.LazyLinear(32), nn.ReLU())
         self.linear = nn.LazyLinear(16)
+
+    def forward(self, X):
+        return self.linear(self.net(X))
+
+
+# The same two blocks with eager Linears of the book's sizes, so tests and benchmarks can
+# build them before any input; FixedHiddenMLP returns X itself unless reduce='sum'.
+class FixedHiddenMLPEager(nn.Module):
+    def __init__(self, reduce=None):
+        super().__init__()
+        self.rand_weight = torch.rand((20, 20), requires_grad=False)
+        self.linear = nn.Linear(20, 20)
+        self.reduce = reduce
+
+    def forward(self, X):
+        X = self.linear(X)
+        X = F.relu(torch.mm(X, self.rand_weight) + 1)
+        X = self.linear(X)
+        while X.abs().sum() > 1:
+            X /= 2
+        return X.sum() if self.reduce == "sum" else X
+
+
+class NestMLPEager(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU())
+        self.linear = nn.Linear(32, 16)
 
     def forward(self, X):
         return self.linear(self.net(X))

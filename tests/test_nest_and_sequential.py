@@ -7,9 +7,10 @@ import torch.nn.functional as TF
 from torch import nn
 
 import fastlayers
+from fastlayers._seed import FixedHiddenMLPEager as SeedFixedHiddenMLP
 from fastlayers._seed import MySequential as SeedMySequential
+from fastlayers._seed import NestMLPEager as SeedNestMLP
 
-from _seed_eager import SeedFixedHiddenMLP, SeedNestMLP
 from _util import assert_close_to_ref, randn
 
 # the interpreter's numpy warns on fp32 overflow to inf inside the halving reduction
