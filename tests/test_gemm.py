@@ -98,9 +98,13 @@ def test_stride_zero_operand():
     assert_close_to_ref(fused_gemm(a, b), a.double() @ b.double())
 
 
+# M, N, K reaching every branch of heuristic_config: the benchmark shapes, then odd sizes.
+GPU_SHAPES = [(8192, 4096, 4096), (65536, 256, 256), (262144, 64, 64), (2, 8, 64),
+              (8191, 4095, 4097), (4096, 70, 70)]
+
+
 def test_heuristic_configs_fit_shared_memory():
-    for M, N, K in [(8192, 4096, 4096), (65536, 256, 256), (262144, 64, 64), (2, 8, 64),
-                    (1, 1, 1), (100, 3, 1000), (8191, 4095, 4097), (4096, 70, 70), (60, 60, 60)]:
+    for M, N, K in GPU_SHAPES + [(1, 1, 1), (100, 3, 1000), (60, 60, 60)]:
         for elsize in (2, 4):
             cfg = heuristic_config(M, N, K, elsize)
             smem = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elsize
@@ -111,10 +115,6 @@ def test_heuristic_configs_fit_shared_memory():
 
 # The GPU's tile shapes, one per branch of heuristic_config (chosen for the big shape),
 # run on small shapes that leave partial tiles in M, N and K, and a K tail in every step.
-GPU_SHAPES = [(8192, 4096, 4096), (65536, 256, 256), (262144, 64, 64), (2, 8, 64),
-              (8191, 4095, 4097), (4096, 70, 70)]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("big", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_gpu_heuristic_tiles_are_correct(big, dtype):
