@@ -5,6 +5,7 @@ follows ``torch.autocast`` like the torch op it replaces, and dispatches to the 
 kernels or the torch reference (see ``fastlayers.backend_info()``).
 """
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import reference
 from ._backend import fp32_matmul_mode, use_triton
@@ -27,6 +28,8 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
     ``'high'``/``'medium'``: TF32 allowed on CUDA). Under autocast all three are cast to
     the autocast dtype first, as F.linear would be.
     """
+    if has_torch_function_variadic(x, weight, bias):  # FX proxies, tensor subclasses
+        return handle_torch_function(linear_relu, (x, weight, bias), x, weight, bias)
     op = "linear_relu"
     check_matmul_operands(op, x, weight, 1, "[out_features, in_features]")
     if bias is not None:
@@ -57,6 +60,8 @@ def centered(x: Tensor, dim=None) -> Tensor:
     once to x's dtype (float64 stays float64). Backward: dx = dy - mean(dy) over the same
     dims. Deterministic: the same input gives bitwise the same output.
     """
+    if has_torch_function_variadic(x):
+        return handle_torch_function(centered, (x,), x, dim)
     op = "centered"
     check_float(op, "input", x)
     dims = _centered.normalize_dims(op, x.dim(), dim)
@@ -74,6 +79,8 @@ def fixed_hidden(x: Tensor, weight: Tensor, c: float = 1.0) -> Tensor:
     frozen: a clear error otherwise). c: a Python float, added in fp32 before the ReLU.
     Numerics as :func:`linear_relu`. Backward: for x only.
     """
+    if has_torch_function_variadic(x, weight):
+        return handle_torch_function(fixed_hidden, (x, weight), x, weight, c)
     return _fh.fixed_hidden_checked(x, weight, c)
 
 
@@ -95,6 +102,8 @@ def halve_until(x: Tensor, threshold: float = 1.0, return_count: bool = False):
     2**31 - 1), or raise ValueError under FASTLAYERS_CHECK=1 (eager only; it reads k on
     the host, a sync). Gradient: grad * 2**-k.
     """
+    if has_torch_function_variadic(x):
+        return handle_torch_function(halve_until, (x,), x, threshold, return_count)
     return _hu.halve_until(x, threshold, return_count)
 
 
@@ -110,5 +119,9 @@ def fixed_hidden_mlp(x: Tensor, weight: Tensor, bias: Tensor, rand_weight: Tenso
     matmuls and the partial sums, then the count and scale kernels; larger d composes the
     fused GEMMs. Gradients for x, weight and bias (dL/dy = dL/dout * 2**-k).
     """
+    if has_torch_function_variadic(x, weight, bias, rand_weight):
+        return handle_torch_function(fixed_hidden_mlp, (x, weight, bias, rand_weight), x,
+                                     weight, bias, rand_weight, c, threshold, reduce,
+                                     return_count)
     return _fmlp.fixed_hidden_mlp(x, weight, bias, rand_weight, c, threshold, reduce,
                                   return_count)
