@@ -8,7 +8,7 @@ from . import functional, ops  # noqa: F401  (ops: registers the custom ops)
 from ._backend import backend_info, get_backend, set_backend, use_backend  # noqa: F401
 from .layers import LazyLinearReLU, LinearReLU, MyLinear  # noqa: F401
 from .layers import FixedHiddenMatmul, FixedHiddenMLP, MySequential, NestMLP  # noqa: F401
-from . import device, init, io, params  # noqa: F401  (the seed's helpers, as attributes)
+from . import device, init, io, params, settings  # noqa: F401  (helpers, as attributes)
 from .convert import fuse, unfuse  # noqa: F401
 from .layers import CenteredLayer  # noqa: F401
 
@@ -19,5 +19,5 @@ __all__ = [
     "FixedHiddenMatmul", "FixedHiddenMLP", "NestMLP", "MySequential",
     "CenteredLayer",
     "fuse", "unfuse", "params", "init", "io", "device",
-    "functional", "backend_info", "get_backend", "set_backend", "use_backend",
+    "functional", "settings", "backend_info", "get_backend", "set_backend", "use_backend",
 ]

@@ -1,20 +1,32 @@
 """Which implementation runs an op: the Triton kernels or the plain-torch reference.
 
-``FASTLAYERS_BACKEND`` (read once at import; change it later with :func:`set_backend`):
+The backend (``FASTLAYERS_BACKEND``, parsed once by :mod:`fastlayers.settings`):
 
 * ``auto`` (default): Triton for CUDA tensors, torch for every other device.
 * ``torch``: torch everywhere (A/B runs on a GPU).
-* ``triton``: Triton everywhere; CPU tensors then need ``TRITON_INTERPRET=1`` (Triton's
-  interpreter) and get a clear error without it.
+* ``triton``: Triton on CUDA and, under ``TRITON_INTERPRET=1`` (Triton's interpreter), on
+  CPU tensors; CPU tensors without the interpreter get a clear error.
 
-Dtypes the kernels do not support (float64, complex, ...) always run on torch.
+:func:`use_triton` is the one rule every op asks, once per call. Whatever the backend, torch
+runs: dtypes the kernels do not support (float64, complex, ...), meta tensors (shapes only),
+calls under ``torch.func`` transforms and forward-mode AD (functorch needs batching and jvp
+rules the kernels do not have; torch's own ops have them), and ONNX export (so the exported
+graph holds standard ONNX operators).
+
+:func:`set_backend` changes the process default; :func:`use_backend` overrides it for the
+enclosed code in the current thread / asyncio task only (a ``contextvars`` variable).
 """
 import contextlib
+import contextvars
+import importlib
 import os
 
 import torch
+import torch.autograd.forward_ad as _fwd_ad
 
-BACKENDS = ("auto", "torch", "triton")
+from . import settings
+from .settings import BACKENDS  # noqa: F401  (re-exported)
+
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 try:
@@ -23,80 +35,104 @@ try:
 except Exception as exc:  # triton missing or broken: pure-torch mode
     _kernels = None
     TRITON_ERROR = f"{type(exc).__name__}: {exc}"
+settings._push_to_kernels()
+
+_override = contextvars.ContextVar("fastlayers_backend", default=None)
 
 
-def _check(name):
-    if name not in BACKENDS:
-        raise ValueError(f"FASTLAYERS_BACKEND must be one of {BACKENDS}, got {name!r}")
-    return name
+def kernel_module(name: str):
+    """``fastlayers.kernels.<name>``, or None when triton is unusable (then
+    :func:`use_triton` is always False and the module is never touched)."""
+    return None if _kernels is None else importlib.import_module(f"fastlayers.kernels.{name}")
 
 
-_backend = _check(os.environ.get("FASTLAYERS_BACKEND", "auto").strip().lower() or "auto")
-
-
+@torch.compiler.assume_constant_result
 def get_backend() -> str:
-    """The backend in force: 'auto', 'torch' or 'triton'."""
-    return _backend
+    """The backend in force here: 'auto', 'torch' or 'triton'. torch.compile reads it
+    when it traces (a later change needs ``torch.compiler.reset()`` to take effect)."""
+    return _override.get() or settings.backend
 
 
 def set_backend(name: str) -> str:
-    """Choose the backend for later calls; returns the previous one."""
-    global _backend
-    previous, _backend = _backend, _check(name)
-    return previous
+    """Set the process-wide default backend (any case); returns the previous default."""
+    return settings.update(backend=name)["backend"]
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Context manager: run the enclosed calls on backend ``name``."""
-    previous = set_backend(name)
+    """Run the enclosed calls on backend ``name`` (any case), in this thread or asyncio task
+    only; other threads and the process default are untouched. Generators share their
+    caller's context: do not interleave two generators that each hold a use_backend."""
+    token = _override.set(settings.parse_backend("FASTLAYERS_BACKEND", name))
     try:
         yield
     finally:
-        set_backend(previous)
+        _override.reset(token)
 
 
+@torch.compiler.assume_constant_result
 def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return _kernels is not None and _kernels.interpreting()
 
 
-def _device_choice(device_type: str):
+def _device_choice(device_type: str, backend: str = None):
     """(path, reason) for kernel-supported dtypes on a device type."""
-    if _backend == "torch":
+    backend = backend or get_backend()
+    if backend == "torch":
         return "torch", "FASTLAYERS_BACKEND=torch"
     if _kernels is None:
         return "torch", f"triton unavailable ({TRITON_ERROR})"
+    if device_type == "meta":
+        return "torch", "meta tensors: shapes only, from torch's meta kernels"
     if device_type == "cuda":
         if interpreting():
             return "triton", "Triton interpreter (TRITON_INTERPRET=1), kernels run on the host"
         return "triton", "Triton kernels"
-    if _backend == "triton":
+    if backend == "triton" and device_type == "cpu":
         if interpreting():
             return "triton", "Triton interpreter (TRITON_INTERPRET=1)"
-        return "error", "FASTLAYERS_BACKEND=triton on a non-CUDA device needs TRITON_INTERPRET=1"
+        if os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0"):
+            return "error", ("TRITON_INTERPRET=1 was set after triton was imported; set it "
+                             "before importing fastlayers (or triton)")
+        return "error", "FASTLAYERS_BACKEND=triton on a CPU tensor needs TRITON_INTERPRET=1"
+    if backend == "triton":
+        return "error", f"FASTLAYERS_BACKEND=triton: no Triton kernels for {device_type} tensors"
     return "torch", "torch reference (no Triton kernels for this device)"
 
 
+def _torch_only_context() -> bool:
+    """True under torch.func transforms, forward-mode AD or ONNX export (see module doc)."""
+    if torch.compiler.is_compiling():
+        return False
+    return (torch._C._functorch.peek_interpreter_stack() is not None
+            or _fwd_ad._current_level >= 0 or torch.onnx.is_in_onnx_export())
+
+
 def use_triton(t: torch.Tensor) -> bool:
-    """True when the op for tensor ``t`` should run the Triton kernel."""
-    if t.dtype not in KERNEL_DTYPES or (_backend == "auto" and not t.is_cuda):
-        return False  # the second test: _device_choice's answer, without its cost
-    path, reason = _device_choice(t.device.type)
+    """True when the op for tensor ``t`` should run the Triton kernel (the one rule)."""
+    if t.dtype not in KERNEL_DTYPES:
+        return False
+    backend = get_backend()
+    if backend == "auto" and not t.is_cuda:
+        return False  # _device_choice's answer, without its cost
+    path, reason = _device_choice(t.device.type, backend)
     if path == "error":
         raise RuntimeError(f"fastlayers: {reason} (tensor on {t.device})")
-    return path == "triton"
+    return path == "triton" and not _torch_only_context()
 
 
 def backend_info() -> dict:
     """Which path each device takes and why, plus versions: a dict, also handy to print."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     info = {
-        "backend": _backend,
+        "backend": get_backend(),
         "torch": torch.__version__,
         "triton": _triton_version(),
         "interpreter": interpreting(),
         "kernel_dtypes": [str(d).replace("torch.", "") for d in KERNEL_DTYPES],
         "devices": {d: dict(zip(("path", "reason"), _device_choice(d))) for d in devices},
+        "settings": settings.as_dict(),
     }
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name()

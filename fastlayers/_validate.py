@@ -1,4 +1,6 @@
-"""Input checks shared by the functional ops: clear errors naming shape, dtype or device."""
+"""Input checks of the functional ops: clear errors naming shape, dtype or device.
+
+Each public op has one ``check_<op>`` here; :mod:`fastlayers.functional` calls it first."""
 import torch
 
 
@@ -51,3 +53,72 @@ def autocast_dtype(device_type: str):
     except RuntimeError:  # a device type autocast does not know (e.g. 'meta')
         return None
     return torch.get_autocast_dtype(device_type) if enabled else None
+
+
+def autocast_cast(device_type: str, *tensors):
+    """``tensors`` cast as torch.autocast casts an op of its lower-precision list (F.linear):
+    floating tensors other than float64 go to the autocast dtype; float64, non-float
+    tensors and None are left alone. Returns them unchanged when autocast is off."""
+    cast = autocast_dtype(device_type)
+    if cast is None:
+        return tensors
+    return tuple(t if t is None or t.dtype == torch.float64 or not t.is_floating_point()
+                 else t.to(cast) for t in tensors)
+
+
+def check_python_float(op: str, name: str, value) -> float:
+    """``value`` as a float: ints and floats only (not bools, tensors or strings)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a Python float, got {type(value).__name__}")
+    return float(value)
+
+
+def check_bias(op: str, bias, features: int) -> None:
+    """``bias`` is None or a float tensor of shape [features]."""
+    if bias is None:
+        return
+    check_float(op, "bias", bias)
+    if bias.shape != (features,):
+        raise ValueError(f"{op}: bias must have shape ({features},) to match weight, got "
+                         f"{tuple(bias.shape)}")
+
+
+def check_linear_relu(x, weight, bias) -> None:
+    """linear_relu: x [..., in], weight [out, in], bias [out] or None."""
+    check_matmul_operands("linear_relu", x, weight, 1, "[out_features, in_features]")
+    check_bias("linear_relu", bias, weight.shape[0])
+
+
+def check_fixed_hidden(x, weight, c) -> float:
+    """fixed_hidden: x [..., in], a frozen weight [in, out], c a Python float."""
+    op = "fixed_hidden"
+    check_matmul_operands(op, x, weight, 0, "[in_features, out_features]")
+    if weight.requires_grad:
+        raise ValueError(f"{op}: the weight is frozen and gets no gradient, but it requires "
+                         f"grad; pass weight.detach() (or use a Linear for a trainable weight)")
+    return check_python_float(op, "c", c)
+
+
+def check_fixed_hidden_mlp(x, weight, bias, rand_weight, c, reduce) -> float:
+    """fixed_hidden_mlp: x [..., d], weight [d, d], bias [d] or None, rand_weight [d, d]
+    (frozen), c a Python float, reduce None or 'sum'."""
+    op = "fixed_hidden_mlp"
+    for name, t in (("input", x), ("weight", weight), ("rand_weight", rand_weight)):
+        check_float(op, name, t)
+    if reduce not in (None, "sum"):
+        raise ValueError(f"{op}: reduce must be None or 'sum', got {reduce!r}")
+    if weight.dim() != 2 or weight.shape[0] != weight.shape[1]:
+        raise ValueError(f"{op}: weight must be square [d, d] (one Linear(d, d) is used "
+                         f"twice), got shape {tuple(weight.shape)}")
+    d = weight.shape[0]
+    if rand_weight.shape != (d, d):
+        raise ValueError(f"{op}: rand_weight must have shape ({d}, {d}) to match weight, "
+                         f"got {tuple(rand_weight.shape)}")
+    check_bias(op, bias, d)
+    if x.dim() == 0 or x.shape[-1] != d:
+        raise ValueError(f"{op}: input has shape {tuple(x.shape)}, but the layer expects "
+                         f"in_features={d} in the last dim")
+    if rand_weight.requires_grad:
+        raise ValueError(f"{op}: rand_weight is frozen (the seed creates it with "
+                         f"requires_grad=False); pass rand_weight.detach()")
+    return check_python_float(op, "c", c)

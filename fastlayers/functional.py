@@ -1,17 +1,18 @@
 """Functional forms of the fused ops (the modules in ``fastlayers.layers`` call these).
 
-Every function validates its input (clear errors naming shape, dtype and device),
-follows ``torch.autocast`` like the torch op it replaces, and dispatches to the Triton
-kernels or the torch reference (see ``fastlayers.backend_info()``).
+Every function here does three things, in this order: hands FX proxies and tensor
+subclasses to ``__torch_function__`` (so ``torch.fx.symbolic_trace`` records one leaf call),
+validates its input (:mod:`fastlayers._validate`: clear errors naming shape, dtype and
+device), and follows ``torch.autocast`` like the torch op it replaces. Then it calls the
+op's entry point in ``fastlayers.ops.<op>``, the one place that chooses the Triton kernels
+or the torch reference (see ``fastlayers.backend_info()``).
 """
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import reference
-from ._backend import fp32_matmul_mode, use_triton
-from ._validate import autocast_dtype, check_float, check_matmul_operands, check_same
+from . import _validate
+from ._validate import autocast_cast, check_same
 from .ops import centered as _centered
-from .ops import eager
 from .ops import fixed_hidden as _fh
 from .ops import fixed_mlp as _fmlp
 from .ops import halve_until as _hu
@@ -25,30 +26,17 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
     weight: [out_features, in_features], as in nn.Linear. bias: [out_features] or None.
     Numerics: fp32 accumulation for every dtype, one rounding to x's dtype at the end;
     fp32 inputs follow torch's matmul precision switches (``'highest'``: fp32-accurate;
-    ``'high'``/``'medium'``: TF32 allowed on CUDA). Under autocast all three are cast to
-    the autocast dtype first, as F.linear would be.
+    ``'high'``/``'medium'``: TF32 allowed on CUDA). Under autocast, floating tensors other
+    than float64 are cast to the autocast dtype first, as F.linear's would be.
     """
     if has_torch_function_variadic(x, weight, bias):  # FX proxies, tensor subclasses
         return handle_torch_function(linear_relu, (x, weight, bias), x, weight, bias)
-    op = "linear_relu"
-    check_matmul_operands(op, x, weight, 1, "[out_features, in_features]")
-    if bias is not None:
-        check_float(op, "bias", bias)
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},) to match weight "
-                         f"{tuple(weight.shape)}, got {tuple(bias.shape)}")
-    cast = autocast_dtype(x.device.type)
-    if cast is not None:
-        x, weight = x.to(cast), weight.to(cast)
-        bias = None if bias is None else bias.to(cast)
+    _validate.check_linear_relu(x, weight, bias)
+    x, weight, bias = autocast_cast(x.device.type, x, weight, bias)
     if (weight.device != x.device or weight.dtype != x.dtype or (bias is not None and (
             bias.device != x.device or bias.dtype != x.dtype))):  # cheap test, then the message
-        check_same(op, {"input": x, "weight": weight, "bias": bias})
-
-    if eager() and not use_triton(x):
-        return reference.linear_relu(x, weight, bias)  # torch's own autograd, no wrapper cost
-    y = _lr.linear_relu(x.reshape(-1, x.shape[-1]), weight, bias, fp32_matmul_mode())
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+        check_same("linear_relu", {"input": x, "weight": weight, "bias": bias})
+    return _lr.linear_relu(x, weight, bias)
 
 
 def centered(x: Tensor, dim=None) -> Tensor:
@@ -62,12 +50,8 @@ def centered(x: Tensor, dim=None) -> Tensor:
     """
     if has_torch_function_variadic(x):
         return handle_torch_function(centered, (x,), x, dim)
-    op = "centered"
-    check_float(op, "input", x)
-    dims = _centered.normalize_dims(op, x.dim(), dim)
-    if eager() and not use_triton(x):
-        return reference.centered(x, dims)  # torch's own autograd, no wrapper cost
-    return _centered.centered(x, dims)
+    _validate.check_float("centered", "input", x)
+    return _centered.centered(x, _centered.normalize_dims("centered", x.dim(), dim))
 
 
 # ---------------------------------------------------------------- fixed-hidden matmul, halving, MLP
@@ -81,7 +65,10 @@ def fixed_hidden(x: Tensor, weight: Tensor, c: float = 1.0) -> Tensor:
     """
     if has_torch_function_variadic(x, weight):
         return handle_torch_function(fixed_hidden, (x, weight), x, weight, c)
-    return _fh.fixed_hidden_checked(x, weight, c)
+    c = _validate.check_fixed_hidden(x, weight, c)
+    x, weight = autocast_cast(x.device.type, x, weight)
+    check_same("fixed_hidden", {"input": x, "weight": weight})
+    return _fh.fixed_hidden(x, weight, c)
 
 
 def halve_until(x: Tensor, threshold: float = 1.0, return_count: bool = False):
@@ -123,5 +110,12 @@ def fixed_hidden_mlp(x: Tensor, weight: Tensor, bias: Tensor, rand_weight: Tenso
         return handle_torch_function(fixed_hidden_mlp, (x, weight, bias, rand_weight), x,
                                      weight, bias, rand_weight, c, threshold, reduce,
                                      return_count)
-    return _fmlp.fixed_hidden_mlp(x, weight, bias, rand_weight, c, threshold, reduce,
-                                  return_count)
+    op = "fixed_hidden_mlp"
+    c = _validate.check_fixed_hidden_mlp(x, weight, bias, rand_weight, c, reduce)
+    x, weight, bias, rand_weight = autocast_cast(x.device.type, x, weight, bias, rand_weight)
+    check_same(op, {"input": x, "weight": weight, "bias": bias, "rand_weight": rand_weight})
+    threshold = _hu.validate_threshold(op, x.dtype, threshold)
+    out, k = _fmlp.fixed_hidden_mlp(x, weight, bias, rand_weight, c, threshold,
+                                    reduce == "sum")
+    _hu.raise_if_forever(op, k)
+    return (out, k) if return_count else out

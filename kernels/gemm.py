@@ -183,7 +183,7 @@ def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=Fa
 
     a: [M, K] and b: [K, N], same float dtype (fp32, fp16 or bf16), same device, any strides.
     gate: optional [M, K]; A is zeroed where gate <= 0 (NaN gates pass, as in torch).
-    bias: optional [N] of a's dtype, added in fp32. scalar: optional Python float added in fp32.
+    bias: optional [N] of a's dtype (any stride: made contiguous first), added in fp32. scalar: optional Python float added in fp32.
     relu: clamp negatives to 0 after the adds (NaN stays NaN, like torch.relu).
     rowsum: also return sum_k A'[m, k] (fp32 accumulation, rounded to a's dtype).
     fp32_mode: "ieee" (fp32-accurate, 3xTF32) or "tf32", used only for fp32 operands.
@@ -199,6 +199,8 @@ def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=Fa
     """
     M, K = a.shape
     N = b.shape[1]
+    if bias is not None:  # the kernel reads bias[n] at unit stride; a strided [N] copy is cheap
+        bias = bias.contiguous()
     c = torch.empty((M, N), device=a.device, dtype=a.dtype)
     rs = torch.empty((M,), device=a.device, dtype=a.dtype) if rowsum else None
     if M == 0 or N == 0 or K == 0:

@@ -17,16 +17,26 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Switches handed over by fastlayers.settings (parsed once from FASTLAYERS_AUTOTUNE /
+# FASTLAYERS_TMA); this package never reads the environment on a launch.
+_SWITCHES = {"autotune": False, "tma": False}
+
+
+def configure(*, autotune: bool, tma: bool) -> None:
+    """Set the launch switches: ``autotune`` (search the config lists per shape, a pause
+    of seconds on each new shape, instead of the built-in heuristics) and ``tma`` (GEMMs on a
+    GPU take the persistent TMA kernel where the operands allow, kernels/gemm_tma.py)."""
+    _SWITCHES["autotune"], _SWITCHES["tma"] = bool(autotune), bool(tma)
+
+
 def autotuning() -> bool:
-    """True when ``FASTLAYERS_AUTOTUNE=1``: launchers search their config lists per shape
-    (a pause of seconds on each new shape) instead of using their built-in heuristics."""
-    return os.environ.get("FASTLAYERS_AUTOTUNE", "0") not in ("", "0")
+    """True when launchers search their config lists (``FASTLAYERS_AUTOTUNE``)."""
+    return _SWITCHES["autotune"]
 
 
 def tma_enabled() -> bool:
-    """True when ``FASTLAYERS_TMA=1``: GEMMs on a GPU take the persistent TMA kernel where
-    the operands allow it (kernels/gemm_tma.py) instead of the pointer kernel."""
-    return os.environ.get("FASTLAYERS_TMA", "0") not in ("", "0")
+    """True when GEMMs may take the persistent TMA kernel (``FASTLAYERS_TMA``)."""
+    return _SWITCHES["tma"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,7 +3,7 @@ NestMLP and MySequential, with the seed's state_dict keys and init order."""
 import torch
 from torch import nn
 
-from .. import functional as F
+from ..functional import fixed_hidden, fixed_hidden_mlp
 from .linear import LinearReLU
 
 
@@ -37,7 +37,7 @@ class FixedHiddenMatmul(nn.Module):
         self.register_buffer("weight", weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.fixed_hidden(x, self.weight, self.c)
+        return fixed_hidden(x, self.weight, self.c)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, c={self.c}"
@@ -79,14 +79,14 @@ class FixedHiddenMLP(nn.Module):
         self.d, self.reduce, self.c, self.threshold = d, reduce, float(c), float(threshold)
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return F.fixed_hidden_mlp(X, self.linear.weight, self.linear.bias, self.rand_weight,
-                                  self.c, self.threshold, self.reduce)
+        return fixed_hidden_mlp(X, self.linear.weight, self.linear.bias, self.rand_weight,
+                                self.c, self.threshold, self.reduce)
 
     def forward_with_count(self, X: torch.Tensor):
         """(output, k): k (int32 0-dim, on X's device) is the number of halvings, the
         seed's loop count; 2**31 - 1 when X's block output holds ±inf."""
-        return F.fixed_hidden_mlp(X, self.linear.weight, self.linear.bias, self.rand_weight,
-                                  self.c, self.threshold, self.reduce, return_count=True)
+        return fixed_hidden_mlp(X, self.linear.weight, self.linear.bias, self.rand_weight,
+                                self.c, self.threshold, self.reduce, return_count=True)
 
     @classmethod
     def from_seed(cls, seed: nn.Module, reduce=None) -> "FixedHiddenMLP":

@@ -1,7 +1,7 @@
 """CenteredLayer: x - x.mean(), fused (one launch while the tensor fits on chip)."""
 from torch import nn
 
-from .. import functional as F
+from ..functional import centered
 from ..ops.centered import normalize_dims
 
 
@@ -23,7 +23,7 @@ class CenteredLayer(nn.Module):
         self.dim = tuple(dim) if isinstance(dim, (list, tuple)) else dim
 
     def forward(self, X):
-        return F.centered(X, self.dim)
+        return centered(X, self.dim)
 
     def extra_repr(self) -> str:
         return "" if self.dim is None else f"dim={self.dim}"

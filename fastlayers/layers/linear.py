@@ -4,7 +4,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
-from .. import functional as F
+from ..functional import linear_relu
 
 
 class LinearReLU(nn.Module):
@@ -40,7 +40,7 @@ class LinearReLU(nn.Module):
     extra_repr = nn.Linear.extra_repr
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear_relu(x, self.weight, self.bias)
+        return linear_relu(x, self.weight, self.bias)
 
 
 class LazyLinearReLU(LazyModuleMixin, LinearReLU):
@@ -94,7 +94,7 @@ class MyLinear(nn.Module):
         self.bias = nn.Parameter(torch.randn(units, **factory))
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        return F.linear_relu(X, self.weight.t(), self.bias)
+        return linear_relu(X, self.weight.t(), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_units={self.weight.shape[0]}, units={self.weight.shape[1]}"

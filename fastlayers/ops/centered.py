@@ -1,4 +1,5 @@
-"""Centering, x - mean(x): custom op ``fastlayers::centered_fwd`` and :class:`CenteredFunction`.
+"""Centering, x - mean(x): custom op ``fastlayers::centered_fwd``, :class:`CenteredFunction`
+and :func:`centered`, the one place its path is chosen.
 
 Centering is linear and self-adjoint (the matrix I - 11^T/n is symmetric), so the backward
 is the same op applied to the incoming gradient over the same dims; nothing is saved.
@@ -10,13 +11,10 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import use_triton
+from .._backend import kernel_module, use_triton
 from ._dispatch import call, needs_grad
 
-try:
-    from fastlayers.kernels import centered as kernels
-except ImportError:  # no triton: use_triton() is then always False
-    kernels = None
+kernels = kernel_module("centered")
 
 
 def _fwd(x: Tensor, dims: List[int]) -> Tensor:
@@ -55,7 +53,7 @@ class CenteredFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dims):
         ctx.dims = dims
-        return call(fwd_op, _fwd, x, dims)
+        return call(fwd_op, kernels.centered, x, dims)
 
     backward = staticmethod(_backward)
 
@@ -93,7 +91,11 @@ def normalize_dims(op: str, ndim: int, dim) -> List[int]:
 
 
 def centered(x: Tensor, dims: List[int]) -> Tensor:
-    """Entry point: through autograd when a gradient is needed, else the forward alone."""
+    """x - mean(x over dims) for a validated x: THE place its path is chosen. torch path:
+    :func:`fastlayers.reference.centered` with torch's autograd; kernel path: through
+    :class:`CenteredFunction` when a gradient is needed, else the forward alone."""
+    if not use_triton(x):
+        return reference.centered(x, dims)
     if needs_grad(x):
         return CenteredFunction.apply(x, dims)
-    return call(fwd_op, _fwd, x, dims)
+    return call(fwd_op, kernels.centered, x, dims)

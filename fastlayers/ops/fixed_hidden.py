@@ -1,18 +1,16 @@
 """The fixed-hidden matmul relu(x @ W + c) with a frozen W: custom ops
-``fastlayers::fixed_hidden_{fwd,bwd_input}`` and :class:`FixedHiddenFunction` (2-D input;
-the functional wrapper flattens leading dims and validates)."""
+``fastlayers::fixed_hidden_{fwd,bwd_input}``, :class:`FixedHiddenFunction` and
+:func:`fixed_hidden`, the one place its path is chosen."""
+import math
+
 import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import fp32_matmul_mode, use_triton
-from .._validate import autocast_dtype, check_matmul_operands, check_same
-from ._dispatch import call, eager, needs_grad
+from .._backend import fp32_matmul_mode, kernel_module, use_triton
+from ._dispatch import call, needs_grad
 
-try:
-    from fastlayers.kernels import fixed_hidden as kernels
-except ImportError:  # no triton: use_triton() is then always False
-    kernels = None
+kernels = kernel_module("fixed_hidden")
 
 
 def _fwd(x: Tensor, weight: Tensor, c: float, fp32_mode: str) -> Tensor:
@@ -50,10 +48,13 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
+    """Kernel for a plain backward; torch's differentiable composite under create_graph."""
     weight, out = ctx.saved_tensors
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = call(bwd_input_op, _bwd_input, grad_out, out, weight, ctx.fp32_mode)
+        grad_x = (reference.fixed_hidden_bwd_input(grad_out, out, weight)
+                  if torch.is_grad_enabled()
+                  else call(bwd_input_op, _bwd_input, grad_out, out, weight, ctx.fp32_mode))
     return grad_x, None, None, None
 
 
@@ -62,7 +63,7 @@ class FixedHiddenFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, c, fp32_mode):
-        out = call(fwd_op, _fwd, x, weight, c, fp32_mode)
+        out = call(fwd_op, kernels.fixed_hidden_fwd, x, weight, c, fp32_mode)
         _setup_context(ctx, (x, weight, c, fp32_mode), out)
         return out
 
@@ -72,28 +73,17 @@ class FixedHiddenFunction(torch.autograd.Function):
 fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fixed_hidden(x: Tensor, weight: Tensor, c: float, fp32_mode: str) -> Tensor:
-    """2-D entry point: through autograd when x needs a gradient, else the forward alone."""
+def fixed_hidden(x: Tensor, weight: Tensor, c: float) -> Tensor:
+    """relu(x @ weight + c) for validated x [..., K]: THE place its path is chosen. torch
+    path: torch's ops and autograd; kernel path: leading dims flattened (``reshape``),
+    through :class:`FixedHiddenFunction` when x needs a gradient, else the forward alone."""
+    if not use_triton(x):
+        return reference.fixed_hidden(x, weight, c)
+    fp32_mode = fp32_matmul_mode()
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), x.shape[-1])  # not -1: in_features may be 0
     if needs_grad(x):
-        return FixedHiddenFunction.apply(x, weight, c, fp32_mode)
-    return call(fwd_op, _fwd, x, weight, c, fp32_mode)
-
-
-def fixed_hidden_checked(x: Tensor, weight: Tensor, c=1.0) -> Tensor:
-    """See :func:`fastlayers.functional.fixed_hidden` (validation, autocast, leading dims)."""
-    opname = "fixed_hidden"
-    check_matmul_operands(opname, x, weight, 0, "[in_features, out_features]")
-    if weight.requires_grad:
-        raise ValueError(f"{opname}: the weight is frozen and gets no gradient, but it "
-                         f"requires grad; pass weight.detach() (or use a Linear for a "
-                         f"trainable weight)")
-    if not isinstance(c, (int, float)) or isinstance(c, bool):
-        raise TypeError(f"{opname}: c must be a Python float, got {type(c).__name__}")
-    cast = autocast_dtype(x.device.type)
-    if cast is not None:
-        x, weight = x.to(cast), weight.to(cast)
-    check_same(opname, {"input": x, "weight": weight})
-    if eager() and not use_triton(x):
-        return reference.fixed_hidden(x, weight, float(c))  # torch's own autograd
-    y = fixed_hidden(x.reshape(-1, x.shape[-1]), weight, float(c), fp32_matmul_mode())
-    return y.view(*x.shape[:-1], weight.shape[1])
+        y = FixedHiddenFunction.apply(x2, weight, c, fp32_mode)
+    else:
+        y = call(fwd_op, kernels.fixed_hidden_fwd, x2, weight, c, fp32_mode)
+    return y.reshape(*lead, weight.shape[1])

@@ -1,5 +1,5 @@
-"""The seed's FixedHiddenMLP as one op: custom ops ``fastlayers::fixed_mlp_{fwd,bwd}`` and
-:class:`FixedMLPFunction` (2-D input; the functional wrapper validates and reshapes).
+"""The seed's FixedHiddenMLP as one op: custom ops ``fastlayers::fixed_mlp_{fwd,bwd}``,
+:class:`FixedMLPFunction` and :func:`fixed_hidden_mlp`, the one place its path is chosen.
 
 fwd(x, W, b, R, c, threshold, reduce_sum, save_h2) -> (out, k, h2):
     y = L(relu(L(x) @ R + c)), L(v) = v @ W.T + b (one Linear used twice), then the
@@ -8,30 +8,34 @@ fwd(x, W, b, R, c, threshold, reduce_sum, save_h2) -> (out, k, h2):
 bwd(grad_out, x, W, R, h2, k, reduce_sum) -> (grad_x, grad_W, grad_b), with
     dL/dy = grad_out * 2**-k (broadcast for reduce_sum): k is constant almost everywhere.
 """
+import math
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import fp32_matmul_mode, use_triton
-from .._validate import autocast_dtype, check_float, check_same
+from .._backend import fp32_matmul_mode, kernel_module, use_triton
 from . import halve_until as _halve
-from ._dispatch import call, eager, needs_grad
+from ._dispatch import call, needs_grad
 
-try:
-    from fastlayers.kernels import fixed_mlp as kernels
-except ImportError:  # no triton: use_triton() is then always False
-    kernels = None
+kernels = kernel_module("fixed_mlp")
+
+
+def _kernel_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], rand_weight: Tensor,
+                c: float, threshold: float, reduce_sum: bool, save_h2: bool,
+                fp32_mode: str) -> Tuple[Tensor, Tensor, Tensor]:
+    t = _halve.threshold_in(x.dtype, threshold)
+    return kernels.fixed_mlp_fwd(x, weight, bias, rand_weight, c, t, reduce_sum, save_h2,
+                                 fp32_mode)
 
 
 def _fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], rand_weight: Tensor, c: float,
          threshold: float, reduce_sum: bool, save_h2: bool,
          fp32_mode: str) -> Tuple[Tensor, Tensor, Tensor]:
     if use_triton(x):
-        t = _halve.threshold_in(x.dtype, threshold)
-        return kernels.fixed_mlp_fwd(x, weight, bias, rand_weight, c, t, reduce_sum, save_h2,
-                                     fp32_mode)
+        return _kernel_fwd(x, weight, bias, rand_weight, c, threshold, reduce_sum, save_h2,
+                           fp32_mode)
     y, h2 = reference.fixed_mlp_body(x, weight, bias, rand_weight, c)
     y, k = _halve._impl(y, threshold)
     return (y.sum() if reduce_sum else y), k, (h2 if save_h2 else h2.new_empty((0,)))
@@ -65,9 +69,9 @@ def _(grad_out, x, weight, rand_weight, h2, k, reduce_sum, fp32_mode):
 
 
 def _save(ctx, inputs, k, h2):
-    x, weight, _bias, rand_weight, _c, _t, reduce_sum, save_h2, fp32_mode = inputs
-    ctx.reduce_sum, ctx.fp32_mode, ctx.save_h2 = reduce_sum, fp32_mode, save_h2
-    ctx.save_for_backward(x, weight, rand_weight, h2, k)
+    x, weight, bias, rand_weight, c, _t, reduce_sum, save_h2, fp32_mode = inputs
+    ctx.reduce_sum, ctx.fp32_mode, ctx.save_h2, ctx.c = reduce_sum, fp32_mode, save_h2, c
+    ctx.save_for_backward(x, weight, bias, rand_weight, h2, k)
 
 
 def _setup_context(ctx, inputs, output):
@@ -75,14 +79,27 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[2])
 
 
+def _differentiable_bwd(ctx, grad_out, x, weight, bias, rand_weight, k):
+    """The backward as torch's composite, h2 recomputed with autograd, so that a gradient
+    of the gradient (``create_graph=True``) sees how h2 depends on x, weight and bias."""
+    _, h2 = reference.fixed_mlp_body(x, weight, bias, rand_weight, ctx.c)
+    grad_y = _halve.scale_grad(grad_out, k)
+    if ctx.reduce_sum:
+        grad_y = grad_y.expand(x.shape[0], weight.shape[0])
+    return reference.fixed_mlp_bwd(grad_y, x, weight, rand_weight, h2)
+
+
 def _backward(ctx, grad_out, _grad_k=None, _grad_h2=None):
-    x, weight, rand_weight, h2, k = ctx.saved_tensors
+    x, weight, bias, rand_weight, h2, k = ctx.saved_tensors
     if not ctx.save_h2:
         raise RuntimeError("fastlayers::fixed_mlp_fwd: differentiate a call made with "
                            "save_h2=True (the backward needs the hidden activation)")
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     grad_x = grad_w = grad_b = None
-    if need_x or need_w or need_b:
+    if torch.is_grad_enabled():
+        grad_x, grad_w, grad_b = _differentiable_bwd(ctx, grad_out, x, weight, bias,
+                                                     rand_weight, k)
+    elif need_x or need_w or need_b:
         grad_x, grad_w, grad_b = call(bwd_op, _bwd, grad_out, x, weight, rand_weight, h2, k,
                                       ctx.reduce_sum, ctx.fp32_mode)
     return (grad_x if need_x else None, grad_w if need_w else None,
@@ -96,7 +113,7 @@ class FixedMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, rand_weight, c, threshold, reduce_sum, fp32_mode):
         args = (x, weight, bias, rand_weight, c, threshold, reduce_sum, True, fp32_mode)
-        out, k, h2 = call(fwd_op, _fwd, *args)
+        out, k, h2 = call(fwd_op, _kernel_fwd, *args)
         _save(ctx, args, k, h2)
         ctx.mark_non_differentiable(k)
         return out, k
@@ -110,55 +127,20 @@ fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------- entry point
-def fixed_hidden_mlp(x, weight, bias, rand_weight, c=1.0, threshold=1.0, reduce=None,
-                     return_count=False):
-    """See :func:`fastlayers.functional.fixed_hidden_mlp`."""
-    opname = "fixed_hidden_mlp"
-    for name, t in (("input", x), ("weight", weight), ("rand_weight", rand_weight),
-                    ("bias", bias)):
-        if t is not None:
-            check_float(opname, name, t)
-    if reduce not in (None, "sum"):
-        raise ValueError(f"{opname}: reduce must be None or 'sum', got {reduce!r}")
-    if weight.dim() != 2 or weight.shape[0] != weight.shape[1]:
-        raise ValueError(f"{opname}: weight must be square [d, d] (one Linear(d, d) is used "
-                         f"twice), got shape {tuple(weight.shape)}")
-    d = weight.shape[0]
-    if rand_weight.shape != (d, d):
-        raise ValueError(f"{opname}: rand_weight must have shape ({d}, {d}) to match weight, "
-                         f"got {tuple(rand_weight.shape)}")
-    if bias is not None and bias.shape != (d,):
-        raise ValueError(f"{opname}: bias must have shape ({d},), got {tuple(bias.shape)}")
-    if x.dim() == 0 or x.shape[-1] != d:
-        raise ValueError(f"{opname}: input has shape {tuple(x.shape)}, but the layer expects "
-                         f"in_features={d} in the last dim")
-    if rand_weight.requires_grad:
-        raise ValueError(f"{opname}: rand_weight is frozen (the seed creates it with "
-                         f"requires_grad=False); pass rand_weight.detach()")
-    if not isinstance(c, (int, float)) or isinstance(c, bool):
-        raise TypeError(f"{opname}: c must be a Python float, got {type(c).__name__}")
-    cast = autocast_dtype(x.device.type)
-    if cast is not None:
-        x, weight, rand_weight = x.to(cast), weight.to(cast), rand_weight.to(cast)
-        bias = None if bias is None else bias.to(cast)
-    check_same(opname, {"input": x, "weight": weight, "bias": bias,
-                        "rand_weight": rand_weight})
-    threshold = _halve.validate_threshold(opname, x.dtype, threshold)
-    reduce_sum = reduce == "sum"
-
-    if eager() and not use_triton(x):  # torch's own autograd for the matmuls
-        y, _ = reference.fixed_mlp_body(x, weight, bias, rand_weight, float(c))
+def fixed_hidden_mlp(x: Tensor, weight: Tensor, bias: Optional[Tensor], rand_weight: Tensor,
+                     c: float, threshold: float, reduce_sum: bool) -> Tuple[Tensor, Tensor]:
+    """(out, k) for validated inputs: THE place its path is chosen. torch path: the
+    reference body and ``halve_until`` with torch's autograd; kernel path: leading dims
+    flattened, through :class:`FixedMLPFunction` when a gradient is needed."""
+    if not use_triton(x):
+        y, _ = reference.fixed_mlp_body(x, weight, bias, rand_weight, c)
         y, k = _halve.halve_until(y, threshold, return_count=True)
-        out = y.sum() if reduce_sum else y
+        return (y.sum() if reduce_sum else y), k
+    x2 = x.reshape(math.prod(x.shape[:-1]), weight.shape[0])
+    fp32_mode = fp32_matmul_mode()
+    args = (x2, weight, bias, rand_weight, c, threshold, reduce_sum, fp32_mode)
+    if needs_grad(x2, weight, bias):
+        out, k = FixedMLPFunction.apply(*args)
     else:
-        x2 = x.reshape(-1, d)
-        args = (x2, weight, bias, rand_weight, float(c), threshold, reduce_sum,
-                fp32_matmul_mode())
-        if needs_grad(x2, weight, bias):
-            out, k = FixedMLPFunction.apply(*args)
-        else:
-            out, k, _ = call(fwd_op, _fwd, *args[:-1], False, args[-1])
-        if not reduce_sum:
-            out = out.view(x.shape)
-        _halve.raise_if_forever(opname, k)
-    return (out, k) if return_count else out
+        out, k, _ = call(fwd_op, _kernel_fwd, *args[:-1], False, fp32_mode)
+    return (out if reduce_sum else out.view(x.shape)), k

@@ -1,20 +1,20 @@
-"""Linear + bias + ReLU: custom ops ``fastlayers::linear_relu_{fwd,bwd_input,bwd_params}``
-and :class:`LinearReLUFunction` (2-D input; the functional wrapper flattens leading dims)."""
+"""Linear + bias + ReLU: custom ops ``fastlayers::linear_relu_{fwd,bwd_input,bwd_params}``,
+:class:`LinearReLUFunction`, and :func:`linear_relu`, the one place its path is chosen."""
+import math
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import use_triton
+from .._backend import fp32_matmul_mode, kernel_module, use_triton
 from ._dispatch import call, needs_grad
 
-try:
-    from fastlayers.kernels import linear_relu as kernels
-except ImportError:  # no triton: use_triton() is then always False
-    kernels = None
+kernels = kernel_module("linear_relu")
 
 
+# Implementations of the registered ops (what torch.compile, export and dispatch modes
+# run): each picks by the same rule as :func:`linear_relu`.
 def _fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], fp32_mode: str) -> Tensor:
     if use_triton(x):
         return kernels.linear_relu_fwd(x, weight, bias, fp32_mode)
@@ -65,29 +65,36 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
+    """Kernels for a plain backward; torch's differentiable composite of the same formulas
+    when the gradient itself is differentiated (``create_graph=True``: grad mode is on)."""
     x, weight, out = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    differentiable = torch.is_grad_enabled()
     grad_x = grad_w = grad_b = None
     if need_x:
-        grad_x = call(bwd_input_op, _bwd_input, grad_out, out, weight, ctx.fp32_mode)
+        grad_x = (reference.linear_relu_bwd_input(grad_out, out, weight) if differentiable
+                  else call(bwd_input_op, _bwd_input, grad_out, out, weight, ctx.fp32_mode))
     if need_w:
-        grad_w, grad_b = call(bwd_params_op, _bwd_params, grad_out, out, x, ctx.fp32_mode)
+        grad_w, grad_b = (reference.linear_relu_bwd_params(grad_out, out, x) if differentiable
+                          else call(bwd_params_op, _bwd_params, grad_out, out, x, ctx.fp32_mode))
     elif need_b:  # frozen weight, trainable bias: a plain reduction
         grad_b = reference.relu_grad(grad_out, out).sum(0)
     return grad_x, grad_w, grad_b if need_b else None, None
 
 
 class LinearReLUFunction(torch.autograd.Function):
-    """y = relu(x @ weight.T + bias) for x [M, K], weight [N, K], bias [N] or None.
+    """y = relu(x @ weight.T + bias) for x [M, K], weight [N, K], bias [N] or None, on the
+    kernels. Twice differentiable (the second order through torch's composite).
 
     forward takes ``ctx`` (no separate setup_context): torch binds arguments through
     ``inspect.signature`` on every call of a setup_context-style Function, which costs more
-    than a small layer's whole forward.
+    than a small layer's whole forward. torch.func transforms never reach it: under them
+    :func:`fastlayers._backend.use_triton` sends the op to torch's own ops.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, fp32_mode):
-        out = call(fwd_op, _fwd, x, weight, bias, fp32_mode)
+        out = call(fwd_op, kernels.linear_relu_fwd, x, weight, bias, fp32_mode)
         _setup_context(ctx, (x, weight, bias, fp32_mode), out)
         return out
 
@@ -99,8 +106,20 @@ class LinearReLUFunction(torch.autograd.Function):
 fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def linear_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], fp32_mode: str) -> Tensor:
-    """2-D entry point: through autograd when a gradient is needed, else the forward alone."""
+def linear_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """relu(x @ weight.T + bias) for validated x [..., K]: THE place its path is chosen.
+
+    torch path: torch's own ops and autograd (N-D as is). Kernel path: leading dims
+    flattened to M rows (``reshape``, so any strides), through :class:`LinearReLUFunction`
+    when a gradient is needed, else the forward op alone.
+    """
+    if not use_triton(x):
+        return reference.linear_relu(x, weight, bias)
+    fp32_mode = fp32_matmul_mode()
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), x.shape[-1])  # not -1: in_features may be 0
     if needs_grad(x, weight, bias):
-        return LinearReLUFunction.apply(x, weight, bias, fp32_mode)
-    return call(fwd_op, _fwd, x, weight, bias, fp32_mode)
+        y = LinearReLUFunction.apply(x2, weight, bias, fp32_mode)
+    else:
+        y = call(fwd_op, kernels.linear_relu_fwd, x2, weight, bias, fp32_mode)
+    return y.reshape(*lead, weight.shape[0])
