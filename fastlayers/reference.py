@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 
 def relu_grad(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """grad_out where out > 0, else 0 (torch's threshold_backward: NaN outputs pass)."""
-    return torch.where(out <= 0, torch.zeros((), dtype=grad_out.dtype, device=grad_out.device),
-                       grad_out)
+    """grad_out where out > 0, else 0: torch's own ReLU backward (threshold_backward: NaN
+    outputs pass the gradient; differentiable, with ``out`` in the graph as torch has it)."""
+    return torch.ops.aten.threshold_backward(grad_out, out, 0)
 
 
 def _relu(y: torch.Tensor) -> torch.Tensor:

@@ -204,7 +204,7 @@ def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=Fa
     c = torch.empty((M, N), device=a.device, dtype=a.dtype)
     rs = torch.empty((M,), device=a.device, dtype=a.dtype) if rowsum else None
     if M == 0 or N == 0 or K == 0:
-        _degenerate(c, rs, bias, scalar, relu)
+        _degenerate(a, gate, c, rs, bias, scalar, relu)
         return (c, rs) if rowsum else c
     flags = dict(
         HAS_GATE=gate is not None, HAS_BIAS=bias is not None, HAS_SCALAR=scalar is not None,
@@ -277,8 +277,9 @@ def _launch_pointer(kernel, a, b, gate, bias, scalar, c, rs, flags, cfg, split_k
             rs.copy_(rs_out.sum(0))
 
 
-def _degenerate(c, rs, bias, scalar, relu):
-    """Fill outputs of an empty GEMM (M, N or K is 0) without launching a kernel."""
+def _degenerate(a, gate, c, rs, bias, scalar, relu):
+    """Fill outputs of an empty GEMM (M, N or K is 0) without launching a kernel: C is the
+    epilogue of a zero sum; ROWSUM still sums A' over K (N = 0 does not empty it)."""
     acc = torch.zeros(c.shape, device=c.device, dtype=torch.float32)
     if bias is not None:
         acc += bias.float()
@@ -288,4 +289,7 @@ def _degenerate(c, rs, bias, scalar, relu):
         acc = torch.where(acc < 0, 0.0, acc)
     c.copy_(acc)
     if rs is not None:
-        rs.zero_()
+        a32 = a.float()
+        if gate is not None:
+            a32 = torch.where(gate <= 0, 0.0, a32)
+        rs.copy_(a32.sum(1))
