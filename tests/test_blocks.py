@@ -1,7 +1,10 @@
 """FixedHiddenMLP as a drop-in for the seed's block (fused small-d kernel, the composed
 path, torch fallback) against a literal copy of the seed's module and a float64
 reference: same loop count, gradients, state_dicts from the seed, errors. NestMLP,
-MySequential and the seed's chain are in test_nest_and_sequential.py."""
+MySequential and the seed's chain are in test_nest_and_sequential.py.
+Tests without the ``backend`` fixture say why in their docstring or by their nature: float64
+gradchecks (float64 always runs torch; the kernel formulas are checked in fp32 against
+float64 in test_parity_autograd.py), init/state_dict/repr (no op runs), CUDA-only checks."""
 import math
 
 import pytest
@@ -232,7 +235,7 @@ def test_to_moves_the_buffer_and_dtype():
     ("device_mismatch", RuntimeError, ["meta", "cpu", "module.to"]),
     ("bad_reduce", ValueError, ["reduce", "'mean'"]),
 ])
-def test_bad_input_gets_clear_error(case, exc, words):
+def test_bad_input_gets_clear_error(backend, case, exc, words):
     mlp = fastlayers.FixedHiddenMLP()
     x = torch.randn(3, 20)
     if case == "int_input":

@@ -1,5 +1,7 @@
 """fastlayers.device: try_gpu / try_all_gpus, to_device on nested containers, and every
-fastlayers layer after .to(device) (the 'meta' device here, CUDA on a GPU machine)."""
+fastlayers layer after .to(device) (the 'meta' device here, CUDA on a GPU machine).
+Device moves are path-independent (meta tensors take torch on every backend: checked in
+test_parity_autograd.py); CUDA runs every layer on the kernels."""
 from collections import OrderedDict, defaultdict, namedtuple
 from collections.abc import Mapping
 from types import MappingProxyType

@@ -1,6 +1,9 @@
 """The fixed-hidden matmul relu(x @ W + c), W frozen: kernels (interpreter on CPU, GPU with
 CUDA) and the torch fallback against a float64 reference; backward for x, opcheck,
-compile, the FixedHiddenMatmul module (buffer semantics), errors."""
+compile, the FixedHiddenMatmul module (buffer semantics), errors.
+Tests without the ``backend`` fixture say why in their docstring or by their nature: float64
+gradchecks (float64 always runs torch; the kernel formulas are checked in fp32 against
+float64 in test_parity_autograd.py), init/state_dict/repr (no op runs), CUDA-only checks."""
 import pytest
 import torch
 
@@ -152,7 +155,7 @@ def test_module_given_weight_and_c(backend):
     ("weight_requires_grad", ValueError, ["frozen", "detach"]),
     ("tensor_c", TypeError, ["c must be a Python float"]),
 ])
-def test_bad_input_gets_clear_error(case, exc, words):
+def test_bad_input_gets_clear_error(backend, case, exc, words):
     x, w, c = torch.randn(3, 8), torch.rand(8, 4), 1.0
     if case == "int_input":
         x = torch.randint(0, 5, (3, 8))

@@ -1,5 +1,7 @@
 """fastlayers.init: bitwise equal to the seed's init functions on plain models, the same draws
-on fused models, MyLinear's [in, out] layout, frozen buffers, bias policies, lazy layers."""
+on fused models, MyLinear's [in, out] layout, frozen buffers, bias policies, lazy layers.
+These helpers delegate to torch and launch no fastlayers op, so one path suffices; the
+layers' own outputs are checked on both paths in test_parity_modules.py."""
 import copy
 import warnings
 

@@ -1,5 +1,8 @@
 """Linear + bias + ReLU: kernels (interpreter on CPU, GPU with CUDA) and the torch fallback
-against a float64 reference; autograd, opcheck, compile, modules, errors."""
+against a float64 reference; autograd, opcheck, compile, modules, errors.
+Tests without the ``backend`` fixture say why in their docstring or by their nature: float64
+gradchecks (float64 always runs torch; the kernel formulas are checked in fp32 against
+float64 in test_parity_autograd.py), init/state_dict/repr (no op runs), CUDA-only checks."""
 import pytest
 import torch
 import torch.nn as nn
@@ -250,7 +253,7 @@ def test_mylinear_matches_seed_and_gets_gradients(backend):
     ("dtype_mismatch", TypeError, ["torch.float16", "torch.float32"]),
     ("weight_rank", ValueError, ["2-D"]),
 ])
-def test_bad_input_gets_clear_error(case, exc, words):
+def test_bad_input_gets_clear_error(backend, case, exc, words):
     x, w, b = torch.randn(3, 8), torch.randn(4, 8), torch.randn(4)
     if case == "int_input":
         x = torch.randint(0, 5, (3, 8))

@@ -1,4 +1,6 @@
-"""fastlayers.params.describe, and the seed's parameter accesses on fused models."""
+"""fastlayers.params.describe, and the seed's parameter accesses on fused models.
+These helpers delegate to torch and launch no fastlayers op, so one path suffices; the
+layers' own outputs are checked on both paths in test_parity_modules.py."""
 import pytest
 import torch
 from torch import nn
