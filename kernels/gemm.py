@@ -84,16 +84,30 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _fused_gemm_kernel(
+    # Pointers: operands A [M, K] and B [K, N]; the optional gate [M, K] (the ReLU mask of a
+    # backward) and bias [N] (unit stride); outputs C [M, N] and ROWSUM [M] (with split-K:
+    # fp32 workspaces [splits, M, N] and [splits, M]).
     a_ptr, b_ptr, gate_ptr, bias_ptr, c_ptr, rowsum_ptr,
+    # Sizes. M_BUCKET: next_power_of_2(M), the autotuner's key; K_PER_SPLIT: the K range
+    # one program reduces (K itself without split-K).
     M, N, K, M_BUCKET, K_PER_SPLIT,
+    # Strides, in elements, of A, B, the gate and C; stride_cs / stride_rs: between split-K
+    # slices of the workspaces (0 without split-K).
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_gm, stride_gk, stride_cm, stride_cn, stride_cs, stride_rs,
+    # A Python float added in fp32 before the ReLU (the fixed-hidden matmul's c).
     scalar,
+    # Which prologue/epilogue parts exist (compiled out when False).
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALAR: tl.constexpr,
     RELU: tl.constexpr, ROWSUM: tl.constexpr,
+    # tl.dot's input_precision ("tf32", "tf32x3", "ieee"); UPCAST: load 16-bit operands as
+    # fp32 (the interpreter holds them as raw integers).
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    # Tile shape and the grouped launch order (GROUP_M row-tiles share a column tile in L2).
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    """One [BLOCK_M, BLOCK_N] tile of C = epilogue(A' @ B), A' = A gated, over this
+    program's K range; see the module docstring for the formula."""
     # Grouped launch order: GROUP_M row-tiles share each column tile while it is in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
