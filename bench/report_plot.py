@@ -1,7 +1,7 @@
 """The report's figure: per op, grouped bars of fastlayers' speedup over each baseline of
 every case on ONE log axis shared by all ops and centred on 1.0 (bars grow up from the 1.0
 line when fastlayers is faster, down when slower; faster bars are green, slower ones red
-and hatched), the interquartile spread as error bars and the value printed at each tip
+and hatched, pale where the spread crosses 1.0), the interquartile spread as error bars and the value printed at each tip
 (with the baseline's name where an op has several); under each op a strip with the
 roofline share (0-100%; a share above 100% is drawn as a hatched 'ceiling?' bar, never as
 a number). Host-bound cases have grey italic labels. Ops with few cases share a row."""
@@ -14,6 +14,7 @@ SLOWER = ["#d73027", "#f46d43", "#fdae61", "#a50026", "#fee08b"]
 SLOWER_HATCH = "////"
 ROOF_COLOR = "#4575b4"
 FLAG_COLOR = "#fdb863"
+UNCLEAR_ALPHA = 0.4
 ROW_CASES = 12  # cases per figure row before an op gets a row of its own
 
 
@@ -65,8 +66,10 @@ def _draw_op(ax, roof, cases, names, limit, ticks, first_in_row):
             x = i - 0.4 + width * (j + 0.5)
             slower = s["median"] < 1
             colors = SLOWER if slower else FASTER
+            unclear = s["q1"] <= 1 <= s["q3"]  # the spread crosses 1.0: drawn pale
             ax.bar(x, s["median"] - 1, width * 0.9, bottom=1, color=colors[j % len(colors)],
-                   edgecolor="black", linewidth=0.5, hatch=SLOWER_HATCH if slower else None)
+                   alpha=UNCLEAR_ALPHA if unclear else 1.0, edgecolor="black", linewidth=0.5,
+                   hatch=SLOWER_HATCH if slower else None)
             ax.errorbar(x, s["median"], yerr=[[s["median"] - s["q1"]], [s["q3"] - s["median"]]],
                         fmt="none", ecolor="black", elinewidth=0.9, capsize=2)
             tip = min(max(s["median"], 1.15 / limit), limit / 1.15)
@@ -140,6 +143,8 @@ def plot(entries, baselines, path, title=None):
     handles = [Patch(facecolor=FASTER[0], edgecolor="black", label="fastlayers faster"),
                Patch(facecolor=SLOWER[0], hatch=SLOWER_HATCH, edgecolor="black",
                      label="fastlayers slower"),
+               Patch(facecolor=FASTER[0], alpha=UNCLEAR_ALPHA, edgecolor="black",
+                     label="pale: spread crosses 1.0 (no clear difference)"),
                Patch(facecolor="white", edgecolor="black",
                      label="error bar: 25th-75th pct of per-round ratios"),
                Patch(facecolor=ROOF_COLOR, label="% of roofline (torch's ceilings, same run)"),
