@@ -89,17 +89,18 @@ def notes(entries):
     faster, slower, unclear = tally(entries)
     out = [f"fastlayers is faster in {faster}, slower in {slower} and within the spread of "
            f"1.0 in {unclear} of {faster + slower + unclear} comparisons (speedup = baseline "
-           f"time / fastlayers time, median over all pairs of rounds, [25th-75th percentile])."]
+           f"time / fastlayers time, median over all pairs of rounds, [25th-75th percentile]; "
+           f"'>' the whole spread is above 1, '<' below 1, '~' it crosses 1)."]
     bad = [e for e in entries if any(flagged(v) for v in e["roof"].values())]
     if bad:
         names = ", ".join(f"{e['op']} {e['shape']} {e['dtype']} {e['pass']}" for e in bad)
         out.append(f"{FLAG}: a roofline share above 100% (the ceiling was measured low, "
                    f"not printed): {names}.")
     hosts = [e for e in entries if e["host_bound"]]
-    if hosts:
-        names = ", ".join(f"{e['op']} {e['shape']} {e['dtype']} {e['pass']}" for e in hosts)
-        out.append(f"Host-bound (fastlayers' per-call time within {HOST_TIME_RATIO}x across "
-                   f"a {HOST_WORK_RATIO:.0f}x change of work): {names}.")
+    names = ", ".join(f"{e['op']} {e['shape']} {e['dtype']} {e['pass']}" for e in hosts)
+    out.append(f"Host-bound (fastlayers' per-call time within {HOST_TIME_RATIO}x across "
+               f"a {HOST_WORK_RATIO:.0f}x or larger change of work, same op, dtype and pass): "
+               f"{names or 'none in this run'}.")
     return out
 
 
