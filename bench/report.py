@@ -13,7 +13,7 @@ import argparse
 import shlex
 import sys
 
-from bench.report_stats import OURS, baselines_of, group, load, summarize  # noqa: F401
+from bench.report_stats import OURS, baselines_of, group, load, summarize  # noqa: F401 (OURS: re-exported)
 from bench.report_table import environment_line, markdown_section, notes, text_table
 
 
@@ -42,8 +42,9 @@ def main(argv=None):
     for line in notes(entries):
         print(line)
     if args.png:
-        plot_fig = __import__("bench.report_plot", fromlist=["plot"]).plot
-        plot_fig(entries, baselines, args.png, title=title)
+        from bench.report_plot import plot  # matplotlib only when a plot is asked for
+
+        plot(entries, baselines, args.png, title=title)
         print(f"plot written to {args.png}")
     if args.markdown:
         cmd = "python -m bench.report " + " ".join(shlex.quote(a) for a in

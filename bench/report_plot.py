@@ -1,10 +1,11 @@
 """The report's figure: per op, grouped bars of fastlayers' speedup over each baseline of
 every case on ONE log axis shared by all ops and centred on 1.0 (bars grow up from the 1.0
 line when fastlayers is faster, down when slower; faster bars are green, slower ones red
-and hatched, pale where the spread crosses 1.0), the interquartile spread as error bars and the value printed at each tip
-(with the baseline's name where an op has several); under each op a strip with the
-roofline share (0-100%; a share above 100% is drawn as a hatched 'ceiling?' bar, never as
-a number). Host-bound cases have grey italic labels. Ops with few cases share a row."""
+and hatched, pale where the spread crosses 1.0), the interquartile spread as error bars and
+the value printed at each tip (with the baseline's name where an op has several); under
+each op a strip with the roofline share (0-100%; a share above 100% is drawn as a hatched
+'ceiling?' bar, never as a number). Host-bound cases have grey italic labels. Ops with few
+cases share a row."""
 import math
 
 from bench.report_stats import flagged
@@ -46,9 +47,10 @@ def _case_label(e):
 def _rows(ops, counts):
     """Pack ops (first fit, in order) into figure rows of at most ROW_CASES cases."""
     rows = []
+    span = {op: max(counts[op], 1.5) for op in ops}
     for op in ops:
         for row in rows:
-            if sum(max(counts[o], 1.5) for o in row) + max(counts[op], 1.5) <= ROW_CASES:
+            if sum(span[o] for o in row) + span[op] <= ROW_CASES:
                 row.append(op)
                 break
         else:
@@ -124,12 +126,14 @@ def plot(entries, baselines, path, title=None):
     rows = _rows(ops, counts) or [[]]
     limit = _limit(shown)
     ticks = _ticks(limit)
-    widest = max([sum(max(counts[o], 1.5) for o in row) for row in rows] + [4])
+    span = {op: max(counts[op], 1.5) for op in ops}  # a one-case panel still needs room
+    widest = max([sum(span[o] for o in row) for row in rows] + [4])
     fig = plt.figure(figsize=(1.5 + 1.05 * widest, 1.8 + 4.4 * len(rows)))
     outer = fig.add_gridspec(len(rows), 1, hspace=0.38)
     for r, row in enumerate(rows):
-        ratios = [max(counts[o], 1.5) for o in row] + ([widest - sum(max(counts[o], 1.5) for o in row)]
-                                                      if sum(max(counts[o], 1.5) for o in row) < widest else [])
+        ratios = [span[o] for o in row]
+        if sum(ratios) < widest:  # an empty cell keeps this row's bars as wide as the others
+            ratios.append(widest - sum(ratios))
         cells = outer[r].subgridspec(2, len(ratios), height_ratios=[3, 1], hspace=0.08,
                                      width_ratios=ratios, wspace=0.12)
         for c, op in enumerate(row):
@@ -150,8 +154,9 @@ def plot(entries, baselines, path, title=None):
                Patch(facecolor=ROOF_COLOR, label="% of roofline (torch's ceilings, same run)"),
                Patch(facecolor=FLAG_COLOR, hatch="xx", label="above 100%: ceiling measured low")]
     height, width = fig.get_figheight(), fig.get_figwidth()
-    fig.legend(handles=handles, loc="upper center", ncol=5 if width >= 14 else 3 if width >= 10 else 2, fontsize=8,
-               frameon=False, bbox_to_anchor=(0.5, 1 - 0.35 / height))
+    ncol = 5 if width >= 14 else 3 if width >= 10 else 2
+    fig.legend(handles=handles, loc="upper center", ncol=ncol, fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 1 - 0.35 / height))
     if title:
         fig.suptitle(title, y=1 - 0.08 / height, va="top", fontsize=11, fontweight="bold")
     fig.subplots_adjust(top=1 - 1.45 / height, bottom=0.75 / height, left=0.75 / width,

@@ -61,7 +61,10 @@ def group(rows):
     """{(op, shape, dtype, pass): {variant: row}} in first-seen order."""
     cases = defaultdict(dict)
     for r in rows:
-        cases[(r["op"], shape_str(r["shape"]), r["dtype"], r["pass_"])][r["variant"]] = r
+        shape = r.get("shape", ())
+        key = (r["op"], shape if isinstance(shape, str) else shape_str(shape),
+               r.get("dtype", "-"), r.get("pass_", "-"))
+        cases[key][r.get("variant", "?")] = r
     return dict(cases)
 
 
@@ -129,7 +132,9 @@ def flagged(pct):
 
 
 def _work(row):
-    return row.get("flops") or row.get("nbytes") or math.prod(row["shape"])
+    shape = row.get("shape") or [1]
+    return row.get("flops") or row.get("nbytes") or (
+        math.prod(shape) if not isinstance(shape, str) else 1)
 
 
 def host_bound(cases):

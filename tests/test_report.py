@@ -12,7 +12,7 @@ import pytest
 
 from bench import report
 from bench.report_stats import OURS, baselines_of, group, load, roofline, speedup, summarize
-from bench.report_table import FLAG, markdown_section, text_table
+from bench.report_table import FLAG, text_table
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "report_fixture.json")
 
