@@ -11,7 +11,8 @@ import re
 import pytest
 
 from bench import report
-from bench.report_stats import OURS, baselines_of, group, load, roofline, speedup, summarize
+from bench.report_stats import (OURS, baselines_of, group, host_bound, load, roofline, speedup,
+                                summarize)
 from bench.report_table import FLAG, text_table
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "report_fixture.json")
@@ -72,6 +73,20 @@ def test_host_bound_cases_are_the_flat_ones(loaded):
     flat = {(e["op"], e["shape"]) for e in entries if e["host_bound"]}
     # 4x the flops in 1.2x the time; the single-size ops cannot be judged and are not flagged
     assert flat == {("linear_relu", "1000x1000x10"), ("linear_relu", "4000x1000x10")}
+
+
+def test_host_bound_needs_flat_time_over_a_4x_change_of_work():
+    def row(n, ms, dtype="float32"):
+        return {"op": "op", "variant": OURS, "pass_": "fwd", "dtype": dtype, "shape": [n],
+                "nbytes": 8 * n, "median_ms": ms}
+    # time grows with the work: not host-bound
+    assert host_bound(group([row(1000, 1.0), row(4000, 3.0)])) == set()
+    # flat, but only 2x the work: cannot tell, not flagged
+    assert host_bound(group([row(1000, 1.0), row(2000, 1.0)])) == set()
+    # flat over 4x the work, but across dtypes: different series, not flagged
+    assert host_bound(group([row(1000, 1.0), row(4000, 1.0, "bfloat16")])) == set()
+    flat = host_bound(group([row(1000, 1.0), row(4000, 1.4), row(64000, 20.0)]))
+    assert flat == {("op", "1000", "float32", "fwd"), ("op", "4000", "float32", "fwd")}
 
 
 def test_table_text(loaded):
