@@ -105,11 +105,12 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     from bench.report_stats import OURS, group, speedup
 
     rows = [b["extra_info"] for b in output_json.get("benchmarks", []) if "op" in b["extra_info"]]
-    if rows:
-        first = rows[0]["ceilings"]  # one dict shared by every row of the session
+    with_ceilings = [r for r in rows if "ceilings" in r]
+    if with_ceilings:
+        first = with_ceilings[0]["ceilings"]  # the session's one dict
         for key, value in _measure_ceilings().items():
-            first[key] = max(first[key], value)
-        for r in rows:
+            first[key] = max(first.get(key, 0.0), value)
+        for r in with_ceilings:
             r["ceilings"] = first
     output_json["fastlayers_run"] = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
