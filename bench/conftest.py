@@ -7,6 +7,7 @@ import functools
 import itertools
 import os
 import platform
+import shlex
 
 import pytest
 import torch
@@ -119,9 +120,9 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "torch": torch.__version__, "triton": fastlayers.backend_info()["triton"],
         "python": platform.python_version(), "threads": torch.get_num_threads(),
         "rounds": ROUNDS, "round_s": ROUND_S,
-        "command": " ".join([f"{k}={v}" for k, v in sorted(os.environ.items())
+        "command": " ".join([f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items())
                              if k.startswith("BENCH_")]
-                            + ["pytest"] + list(config.invocation_params.args)),
+                            + ["pytest", shlex.join(config.invocation_params.args)]),
     }
     for variants in group(rows).values():
         ours = variants.get(OURS)
