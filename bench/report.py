@@ -44,7 +44,8 @@ def main(argv=None):
     if args.png:
         from bench.report_plot import plot  # matplotlib only when a plot is asked for
 
-        plot(entries, baselines, args.png, title=title)
+        plot(entries, baselines, args.png,
+             title=f"{title}  |  {run.get('date', '?')}  |  fastlayers vs torch, same run")
         print(f"plot written to {args.png}")
     if args.markdown:
         cmd = "python -m bench.report " + " ".join(shlex.quote(a) for a in

@@ -19,15 +19,15 @@ UNCLEAR_ALPHA = 0.4
 ROW_CASES = 12  # cases per figure row before an op gets a row of its own
 
 
-def _limit(entries):
-    """Half-width of the shared log axis: covers every bar (a spread may be clipped), at
-    least 2x, a power of two."""
+def _limit(entries, room):
+    """Half-width of the shared log axis: covers every bar (a spread may be clipped) times
+    ``room`` for the labels, at least 2x, a power of two."""
     worst = 2.0
     for e in entries:
         for s in e["speedup"].values():
             if s["median"] > 0:
                 worst = max(worst, s["median"], 1 / s["median"])
-    return 2 ** math.ceil(math.log2(worst * 1.3))
+    return 2 ** math.ceil(math.log2(worst * room))
 
 
 def _ticks(limit):
@@ -75,9 +75,16 @@ def _draw_op(ax, roof, cases, names, limit, ticks, first_in_row):
             ax.errorbar(x, s["median"], yerr=[[s["median"] - s["q1"]], [s["q3"] - s["median"]]],
                         fmt="none", ecolor="black", elinewidth=0.9, capsize=2)
             tip = min(max(s["median"], 1.15 / limit), limit / 1.15)
-            label = f"{s['median']:.2f}x" + (f"\n{b}" if len(names) > 1 else "")
-            ax.text(x, tip / 1.08 if slower else tip * 1.08, label, ha="center",
-                    va="top" if slower else "bottom", fontsize=7, fontweight="bold",
+            if len(names) == 1:  # the value past the bar's tip
+                y, va, rotation, label = (tip / 1.08 if slower else tip * 1.08,
+                                          "top" if slower else "bottom", 0,
+                                          f"{s['median']:.2f}x")
+            else:  # several baselines: a vertical label naming the baseline, above the 1.0
+                # line for a slower bar (a long label under a deep bar would leave the axes)
+                y, va, rotation, label = (1.08 if slower else tip * 1.08, "bottom", 90,
+                                          f"{s['median']:.2f}x {b}")
+            ax.text(x, y, label, ha="center", va=va, fontsize=7 if len(names) == 1 else 6.5,
+                    fontweight="bold", rotation=rotation,
                     color="#a50026" if slower else "#00441b",
                     bbox=dict(boxstyle="square,pad=0.1", facecolor="white", edgecolor="none",
                               alpha=0.8))
@@ -124,7 +131,8 @@ def plot(entries, baselines, path, title=None):
     ops = list(dict.fromkeys(e["op"] for e in shown))
     counts = {op: sum(e["op"] == op for e in shown) for op in ops}
     rows = _rows(ops, counts) or [[]]
-    limit = _limit(shown)
+    several = any(len(e["speedup"]) > 1 for e in shown)  # vertical labels need more room
+    limit = _limit(shown, 2.0 if several else 1.3)
     ticks = _ticks(limit)
     span = {op: max(counts[op], 1.5) for op in ops}  # a one-case panel still needs room
     widest = max([sum(span[o] for o in row) for row in rows] + [4])
@@ -159,7 +167,7 @@ def plot(entries, baselines, path, title=None):
                bbox_to_anchor=(0.5, 1 - 0.35 / height))
     if title:
         fig.suptitle(title, y=1 - 0.08 / height, va="top", fontsize=11, fontweight="bold")
-    fig.subplots_adjust(top=1 - 1.45 / height, bottom=0.75 / height, left=0.75 / width,
+    fig.subplots_adjust(top=1 - 1.45 / height, bottom=0.75 / height, left=0.95 / width,
                         right=1 - 0.15 / width)
     fig.savefig(path, dpi=100)
     return fig
