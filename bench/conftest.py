@@ -1,6 +1,13 @@
-"""pytest fixtures of the benchmark suite: ``ceilings`` (measured once per run) and
-``record`` (times one case and stores everything the report needs in extra_info)."""
+"""pytest fixtures of the benchmark suite: ``ceilings`` (measured once per run, again at the
+end) and ``record`` (times one case and stores everything the report needs in extra_info).
+The JSON hook at the end adds the run's environment (date, CPU/GPU, versions, command) and
+every fastlayers result's speedups over the baselines of its case."""
+import datetime
+import functools
 import itertools
+import os
+import platform
+import shlex
 
 import pytest
 import torch
@@ -11,21 +18,46 @@ from bench.harness import (ON_GPU, ROUND_S, ROUNDS, copies_for, dtype_name,
 from fastlayers._backend import fp32_matmul_mode
 
 torch._dynamo.config.cache_size_limit = 64  # one compiled baseline per shape and dtype
+GEMM_DTYPES = (torch.bfloat16, torch.float16, torch.float32) if ON_GPU else \
+    (torch.bfloat16, torch.float32)  # CPU fp16 GEMMs are slow and no CPU case uses them
+
+
+def _measure_ceilings():
+    out = {"copy_gbps": measure_copy_bandwidth()}
+    for dtype in GEMM_DTYPES:
+        out[f"gemm_tflops_{dtype_name(dtype)}"] = measure_gemm_rate(dtype)
+    return out
+
+
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo (platform's answer elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 @pytest.fixture(scope="session")
 def ceilings():
-    """Device copy bandwidth (GB/s, read+write) and GEMM rate per dtype (TFLOP/s), measured
-    once per run with torch so every ratio in a report comes from the same run."""
-    out = {"copy_gbps": measure_copy_bandwidth()}
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        out[f"gemm_tflops_{dtype_name(dtype)}"] = measure_gemm_rate(dtype)
+    """Device copy bandwidth (GB/s, read+write) and torch's best GEMM rate per dtype
+    (TFLOP/s), measured with torch in this run (see bench/harness.py), plus what the run ran
+    on. The JSON hook re-measures the rates at the end and keeps the larger of the two."""
+    out = _measure_ceilings()
     out["fp32_mode"] = fp32_matmul_mode()
     out["device"] = torch.cuda.get_device_name() if ON_GPU else "cpu"
     out["torch"] = torch.__version__
-    info = fastlayers.backend_info()
-    out["triton"] = info["triton"]
+    out["triton"] = fastlayers.backend_info()["triton"]
+    out["threads"] = torch.get_num_threads()
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _copy_rate_at(nbytes):
+    return measure_copy_bandwidth(nbytes)
 
 
 @pytest.fixture
@@ -34,7 +66,8 @@ def record(benchmark, ceilings):
 
     fn_factory(i) builds input set i and returns a zero-argument callable doing one call;
     the sets are rotated. ``flops`` and ``nbytes`` (minimal bytes: each input read once,
-    each output written once) turn the per-call median into TFLOP/s and GB/s.
+    each output written once) turn per-call times into TFLOP/s and GB/s. Stores in
+    extra_info the per-call time of every round (``rounds_ms``) and their median.
     """
 
     def run(fn_factory, *, op, variant, pass_, dtype, shape, flops=0, nbytes=0):
@@ -46,7 +79,7 @@ def record(benchmark, ceilings):
 
         for _ in range(3):  # warm up: autotune, compile, caches
             one()
-        per = time_per_call(one, 1)
+        per = min(time_per_call(one, 1) for _ in range(3))
         inner = max(1, min(10_000, int(ROUND_S / max(per, 1e-7))))
         benchmark.extra_info["inner_calls"] = inner
         benchmark.pedantic(lambda: time_per_call(one, inner), rounds=ROUNDS, iterations=1,
@@ -55,29 +88,45 @@ def record(benchmark, ceilings):
         info = benchmark.extra_info
         info.update(op=op, variant=variant, pass_=pass_, dtype=dtype_name(dtype),
                     shape=list(shape), device=ceilings["device"], median_ms=median * 1e3,
-                    ceilings=ceilings)
+                    rounds_ms=[d / inner * 1e3 for d in benchmark.stats.stats.data],
+                    flops=flops, nbytes=nbytes, ceilings=ceilings)
         if flops:
             info["tflops"] = flops / median / 1e12
         if nbytes:
             info["gbps"] = nbytes / median / 1e9
-            info["pct_copy_bw"] = 100 * info["gbps"] / ceilings["copy_gbps"]
-        rate = ceilings.get(f"gemm_tflops_{dtype_name(dtype)}")
-        if flops and rate:
-            info["pct_gemm_rate"] = 100 * info["tflops"] / rate
+            info["copy_gbps_same_size"] = _copy_rate_at(nbytes)
         return median
 
     return run
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    """Give every fastlayers result the speedup over each baseline of its case (baseline
-    time / ours, same run), so the JSON alone carries the ratios."""
-    from bench.report import OURS, group
+    """Re-measure the ceilings (keep the larger), record the run's environment and give
+    every fastlayers result its speedups over each baseline of its case (same run)."""
+    from bench.report_stats import OURS, group, speedup
 
     rows = [b["extra_info"] for b in output_json.get("benchmarks", []) if "op" in b["extra_info"]]
+    with_ceilings = [r for r in rows if "ceilings" in r]
+    if with_ceilings:
+        first = with_ceilings[0]["ceilings"]  # the session's one dict
+        for key, value in _measure_ceilings().items():
+            first[key] = max(first.get(key, 0.0), value)
+        for r in with_ceilings:
+            r["ceilings"] = first
+    output_json["fastlayers_run"] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu_model(), "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if ON_GPU else None,
+        "torch": torch.__version__, "triton": fastlayers.backend_info()["triton"],
+        "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "rounds": ROUNDS, "round_s": ROUND_S,
+        "command": " ".join([f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items())
+                             if k.startswith("BENCH_")]
+                            + ["pytest", shlex.join(config.invocation_params.args)]),
+    }
     for variants in group(rows).values():
         ours = variants.get(OURS)
         if ours is None:
             continue
-        ours["speedup"] = {name: row["median_ms"] / ours["median_ms"]
+        ours["speedup"] = {name: speedup(ours, row)["median"]
                            for name, row in variants.items() if name != OURS}
