@@ -84,7 +84,7 @@ python3 -m bench.accuracy | tee "$OUT/accuracy.txt"
 
 if [ -s "$OUT/bench.json" ]; then
     stamp "report"
-    python3 -m bench.report "$OUT/bench.json" --png "$OUT/bench.png" | tee "$OUT/report.txt"
+    python3 -m bench.report "$OUT/bench.json" --png "$OUT/bench.png" --markdown "$OUT/report.md" --png-link bench/results/h200.png --title "H200" | tee "$OUT/report.txt"
 fi
 stamp "done (status $status)"
 exit $status
