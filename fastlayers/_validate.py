@@ -83,42 +83,36 @@ def check_bias(op: str, bias, features: int) -> None:
                          f"{tuple(bias.shape)}")
 
 
+def linear_relu_ok(x, weight, bias) -> bool:
+    """The common case in one expression (host time: every call pays it): float tensors of
+    one dtype, weight [out, in], x [..., in], bias [out] or None. False means "run
+    :func:`check_linear_relu`" (which raises, or passes when only the dtypes differ)."""
+    return (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)
+            and x.is_floating_point() and weight.dtype is x.dtype and weight.dim() == 2
+            and x.dim() > 0 and x.size(-1) == weight.size(1)
+            and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype is x.dtype
+                                  and bias.dim() == 1 and bias.size(0) == weight.size(0))))
+
+
 def check_linear_relu(x, weight, bias) -> None:
     """linear_relu: x [..., in], weight [out, in], bias [out] or None."""
     check_matmul_operands("linear_relu", x, weight, 1, "[out_features, in_features]")
     check_bias("linear_relu", bias, weight.shape[0])
 
 
-def check_fixed_hidden(x, weight, c) -> float:
-    """fixed_hidden: x [..., in], a frozen weight [in, out], c a Python float."""
-    op = "fixed_hidden"
-    check_matmul_operands(op, x, weight, 0, "[in_features, out_features]")
-    if weight.requires_grad:
-        raise ValueError(f"{op}: the weight is frozen and gets no gradient, but it requires "
-                         f"grad; pass weight.detach() (or use a Linear for a trainable weight)")
-    return check_python_float(op, "c", c)
+def check_same_place(op: str, named: dict) -> None:
+    """:func:`check_same` after a cheap test (dtypes by identity, devices by equality)."""
+    items = [t for t in named.values() if t is not None]
+    first = items[0]
+    for t in items[1:]:
+        if t.dtype is not first.dtype or t.device != first.device:
+            check_same(op, named)
 
 
-def check_fixed_hidden_mlp(x, weight, bias, rand_weight, c, reduce) -> float:
-    """fixed_hidden_mlp: x [..., d], weight [d, d], bias [d] or None, rand_weight [d, d]
-    (frozen), c a Python float, reduce None or 'sum'."""
-    op = "fixed_hidden_mlp"
-    for name, t in (("input", x), ("weight", weight), ("rand_weight", rand_weight)):
-        check_float(op, name, t)
-    if reduce not in (None, "sum"):
-        raise ValueError(f"{op}: reduce must be None or 'sum', got {reduce!r}")
-    if weight.dim() != 2 or weight.shape[0] != weight.shape[1]:
-        raise ValueError(f"{op}: weight must be square [d, d] (one Linear(d, d) is used "
-                         f"twice), got shape {tuple(weight.shape)}")
-    d = weight.shape[0]
-    if rand_weight.shape != (d, d):
-        raise ValueError(f"{op}: rand_weight must have shape ({d}, {d}) to match weight, "
-                         f"got {tuple(rand_weight.shape)}")
-    check_bias(op, bias, d)
-    if x.dim() == 0 or x.shape[-1] != d:
-        raise ValueError(f"{op}: input has shape {tuple(x.shape)}, but the layer expects "
-                         f"in_features={d} in the last dim")
-    if rand_weight.requires_grad:
-        raise ValueError(f"{op}: rand_weight is frozen (the seed creates it with "
-                         f"requires_grad=False); pass rand_weight.detach()")
-    return check_python_float(op, "c", c)
+def prepare_linear_relu(x, weight, bias):
+    """The slow path of :func:`fastlayers.functional.linear_relu`: every check with its
+    message, then autocast, then one device and dtype. Returns (x, weight, bias)."""
+    check_linear_relu(x, weight, bias)
+    x, weight, bias = autocast_cast(x.device.type, x, weight, bias)
+    check_same("linear_relu", {"input": x, "weight": weight, "bias": bias})
+    return x, weight, bias

@@ -7,11 +7,12 @@ device), and follows ``torch.autocast`` like the torch op it replaces. Then it c
 op's entry point in ``fastlayers.ops.<op>``, the one place that chooses the Triton kernels
 or the torch reference (see ``fastlayers.backend_info()``).
 """
+import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _validate
-from ._validate import autocast_cast, check_same
+from ._validate import autocast_cast, check_same_place
 from .ops import centered as _centered
 from .ops import fixed_hidden as _fh
 from .ops import fixed_mlp as _fmlp
@@ -31,11 +32,10 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
     """
     if has_torch_function_variadic(x, weight, bias):  # FX proxies, tensor subclasses
         return handle_torch_function(linear_relu, (x, weight, bias), x, weight, bias)
-    _validate.check_linear_relu(x, weight, bias)
-    x, weight, bias = autocast_cast(x.device.type, x, weight, bias)
-    if (weight.device != x.device or weight.dtype != x.dtype or (bias is not None and (
-            bias.device != x.device or bias.dtype != x.dtype))):  # cheap test, then the message
-        check_same("linear_relu", {"input": x, "weight": weight, "bias": bias})
+    if not (_validate.linear_relu_ok(x, weight, bias) and weight.device == x.device
+            and (bias is None or bias.device == x.device)
+            and not torch._C._is_any_autocast_enabled()):  # the common case costs ~1 us
+        x, weight, bias = _validate.prepare_linear_relu(x, weight, bias)
     return _lr.linear_relu(x, weight, bias)
 
 
@@ -66,8 +66,9 @@ def fixed_hidden(x: Tensor, weight: Tensor, c: float = 1.0) -> Tensor:
     if has_torch_function_variadic(x, weight):
         return handle_torch_function(fixed_hidden, (x, weight), x, weight, c)
     c = _validate.check_fixed_hidden(x, weight, c)
-    x, weight = autocast_cast(x.device.type, x, weight)
-    check_same("fixed_hidden", {"input": x, "weight": weight})
+    if torch._C._is_any_autocast_enabled():
+        x, weight = autocast_cast(x.device.type, x, weight)
+    check_same_place("fixed_hidden", {"input": x, "weight": weight})
     return _fh.fixed_hidden(x, weight, c)
 
 
@@ -112,8 +113,10 @@ def fixed_hidden_mlp(x: Tensor, weight: Tensor, bias: Tensor, rand_weight: Tenso
                                      return_count)
     op = "fixed_hidden_mlp"
     c = _validate.check_fixed_hidden_mlp(x, weight, bias, rand_weight, c, reduce)
-    x, weight, bias, rand_weight = autocast_cast(x.device.type, x, weight, bias, rand_weight)
-    check_same(op, {"input": x, "weight": weight, "bias": bias, "rand_weight": rand_weight})
+    if torch._C._is_any_autocast_enabled():
+        x, weight, bias, rand_weight = autocast_cast(x.device.type, x, weight, bias,
+                                                     rand_weight)
+    check_same_place(op, {"input": x, "weight": weight, "bias": bias, "rand_weight": rand_weight})
     threshold = _hu.validate_threshold(op, x.dtype, threshold)
     out, k = _fmlp.fixed_hidden_mlp(x, weight, bias, rand_weight, c, threshold,
                                     reduce == "sum")
