@@ -10,7 +10,8 @@ import torch
 
 import fastlayers
 from fastlayers import tour
-from fastlayers.tour_sections import SECTIONS
+from fastlayers.tour import runner
+from fastlayers.tour.sections import SECTIONS
 
 from conftest import HAS_CUDA, HAS_TRITON
 
@@ -131,7 +132,7 @@ def test_progress_is_quiet_for_short_steps_and_shown_for_long_ones(monkeypatch):
         t.progress(i, 10, "short")
     assert t.out.getvalue() == ""
     clock = iter(range(0, 1000, 1))  # one "second" per call
-    monkeypatch.setattr(tour.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: float(next(clock)))
     for i in range(1, 11):
         t.progress(i, 10, "long")
     lines = t.out.getvalue().splitlines()

@@ -1,6 +1,6 @@
-"""``python -m fastlayers``: a guided tour of the seed's Builders' Guide, run through fastlayers.
+"""The tour's runner: ``Tour`` (checks, progress, sections) and ``main``.
 
-Every section runs the seed's own plain-torch code (:mod:`fastlayers._seed`) and the
+Every section runs the seed's own plain-torch code (:mod:`fastlayers.tour.seed`) and the
 fastlayers way of doing the same thing on the chosen device, compares the two and prints
 one line per step with its timing. The exit status is 0 when every check passed, 1 when
 any failed, 2 for bad arguments.
@@ -203,7 +203,7 @@ def header(device: torch.device, quick: bool) -> List[str]:
 
 
 def main(device: str = "auto", quick: bool = False, out=sys.stdout) -> int:
-    from .tour_sections import SECTIONS
+    from .sections import SECTIONS
     try:
         dev = resolve_device(device)
     except ValueError as exc:
