@@ -8,7 +8,6 @@ on the tour's device (``torch.device`` context) and compares them with ``t.compa
 import copy
 import os
 import tempfile
-import time
 
 import torch
 from torch import nn
@@ -77,30 +76,16 @@ def layers_and_modules(t):
               lambda: _train(t, _seeded(lambda: fastlayers.fuse(seq()), Xt)[0], Xt, Yt, steps,
                              "training fused"),
               lambda: _train(t, _seeded(seq, Xt)[0], Xt, Yt, steps, "training seed"), rtol=1e-4)
-    if not t.quick:
-        _speed(t, seq, X)
+    _speed(t, seq)
 
 
-def _speed(t, seq, X):
-    """Forward time of the fused and the seed's net at a larger batch (shown, not judged)."""
-    Xb = torch.rand(4096, 20)
+def _speed(t, seq):
+    """Forward time of the fused and the seed's net (warm medians; shown, not judged)."""
+    batch, repeat = (1024, 10) if t.quick else (4096, 50)
+    Xb = torch.rand(batch, 20)
     fused, plain = _seeded(lambda: fastlayers.fuse(seq()), Xb)[0], _seeded(seq, Xb)[0]
-    timings = {}
-    for name, net in (("fused", fused), ("seed", plain)):
-        with torch.no_grad():
-            for _ in range(3):
-                net(Xb)
-            if t.device.type == "cuda":
-                torch.cuda.synchronize()
-            start, n = time.perf_counter(), 50
-            for i in range(n):
-                net(Xb)
-                t.progress(i + 1, n, f"timing {name} forward, batch 4096")
-            if t.device.type == "cuda":
-                torch.cuda.synchronize()
-            timings[name] = (time.perf_counter() - start) / n
-    t.say(f"       forward, batch 4096: fused {timings['fused'] * 1e3:.3f} ms, seed "
-          f"{timings['seed'] * 1e3:.3f} ms (seed / fused = {timings['seed'] / timings['fused']:.2f})")
+    with torch.no_grad():
+        t.timing(f"forward, batch {batch}", lambda: fused(Xb), lambda: plain(Xb), repeat)
 
 
 def custom_blocks(t):
@@ -127,6 +112,9 @@ def custom_forward(t):
         ours = cls.from_seed(seed_net, reduce="sum")  # the seed's linear and rand_weight
         t.compare(f"FixedHiddenMLP(reduce='sum'), batch {batch}: the halving loop's result",
                   lambda: ours(X), lambda: seed_net(X))
+    with torch.no_grad():  # the last batch; the seed tests the sum once per halving (a GPU sync)
+        t.timing(f"FixedHiddenMLP(reduce='sum') forward, batch {batch}", lambda: ours(X),
+                 lambda: seed_net(X), 10 if t.quick else 20)
     t.expect("rand_weight is a buffer (moved by .to(), saved by state_dict)",
              lambda: "rand_weight" in dict(cls().named_buffers()) and
              "rand_weight" in cls().state_dict())
