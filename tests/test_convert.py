@@ -235,7 +235,7 @@ def test_scripted_and_traced_submodules_are_left_alone_and_the_rest_fused(backen
     fused = fastlayers.fuse(plain)
     assert [type(m).__name__ for m in fused][1:3] == ["LinearReLU", "Identity"]
     assert [type(m).__name__ for m in fused][4:] == ["LinearReLU", "Identity"]
-    assert isinstance(fused[0], torch.jit.ScriptModule) and isinstance(fused[3], torch.jit.ScriptModule)
+    assert all(isinstance(fused[i], torch.jit.ScriptModule) for i in (0, 3))
     assert not any(isinstance(m, fastlayers.LinearReLU) for m in fused[0].modules())
     _check_equivalent(plain, fused, torch.randn(11, 7), backend)
     back = fastlayers.unfuse(fused)
