@@ -8,7 +8,7 @@ import torch.nn.functional as TF
 
 import fastlayers
 from fastlayers import functional as F
-from fastlayers._seed import FixedHiddenMLPEager as SeedFixedHiddenMLP
+from fastlayers.tour.seed import FixedHiddenMLPEager as SeedFixedHiddenMLP
 
 from bench.harness import DEVICE, ON_GPU, dtype_name, gpu_or_cpu
 

@@ -1,22 +1,7 @@
-"""``python -m fastlayers [--device auto|cpu|cuda] [--quick]``: the guided tour (fastlayers.tour)."""
-import argparse
+"""``python -m fastlayers``: the guided tour (command line in fastlayers.tour.cli)."""
 import sys
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m fastlayers",
-        description="A guided tour of the seed (Builders' Guide) run through fastlayers: every "
-                    "step checked against the seed's plain-torch code and timed. Exit status: "
-                    "0 all checks passed, 1 a check failed, 2 bad arguments.")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where to run (auto: the first GPU if there is one, else the CPU)")
-    parser.add_argument("--quick", action="store_true",
-                        help="the seed's small sizes only, a few seconds on a CPU")
-    args = parser.parse_args(argv)
-    from fastlayers.tour import main as tour
-    return tour(args.device, args.quick)
-
+from fastlayers.tour.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

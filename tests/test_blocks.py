@@ -13,7 +13,7 @@ import torch.nn.functional as TF
 
 import fastlayers
 from fastlayers import functional as F
-from fastlayers._seed import FixedHiddenMLPEager as SeedFixedHiddenMLP
+from fastlayers.tour.seed import FixedHiddenMLPEager as SeedFixedHiddenMLP
 from fastlayers.ops import fixed_mlp as ops
 
 from _util import REL_TOL, assert_close_to_ref, randn

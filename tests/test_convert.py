@@ -1,14 +1,15 @@
 """fastlayers.fuse / unfuse: which pairs are rewritten (and which are not), equal outputs and
 gradients, strict state_dict moves both ways, ties, lazy layers, in-place and copy."""
 import copy
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import fastlayers
-from fastlayers import _seed
-from fastlayers.convert import is_chain
+from fastlayers.tour import seed
+from fastlayers.convert import SkippedFusionWarning, is_chain
 
 from _util import assert_close_to_ref
 
@@ -40,9 +41,9 @@ def _check_equivalent(plain, fused, x, backend_device="cpu"):
 
 SEED_NETS = {
     "sequential": lambda: nn.Sequential(nn.Linear(20, 256), nn.ReLU(), nn.Linear(256, 10)),
-    "rgnet": _seed.rgnet,
-    "nest": lambda: nn.Sequential(_seed.NestMLP(), nn.Linear(16, 5), nn.ReLU()),
-    "my_sequential": lambda: _seed.MySequential(nn.Linear(20, 33), nn.ReLU(inplace=True),
+    "rgnet": seed.rgnet,
+    "nest": lambda: nn.Sequential(seed.NestMLP(), nn.Linear(16, 5), nn.ReLU()),
+    "my_sequential": lambda: seed.MySequential(nn.Linear(20, 33), nn.ReLU(inplace=True),
                                                 nn.Linear(33, 10), nn.ReLU()),
     "no_bias": lambda: nn.Sequential(nn.Linear(20, 7, bias=False), nn.ReLU()),
 }
@@ -62,7 +63,7 @@ def test_fused_seed_nets_match_the_originals(backend, name):
 
 
 def test_rewrite_keeps_indices_ties_and_parameter_objects():
-    net = _seed.tied_net()
+    net = seed.tied_net()
     net(torch.rand(2, 4))
     fused = fastlayers.fuse(net, inplace=True)
     assert fused is net
@@ -141,25 +142,31 @@ def test_what_is_not_rewritten():
         "other activation": nn.Sequential(nn.Linear(3, 3), nn.LeakyReLU()),
         "relu first": nn.Sequential(nn.ReLU(), nn.Linear(3, 3)),
         "custom forward": nn.Sequential(SequentialSub(nn.Linear(3, 3), nn.ReLU())),
-        "seed MLP": _seed.MLP(),
+        "seed MLP": seed.MLP(),
         "module list": nn.ModuleList([nn.Linear(3, 3), nn.ReLU()]),
         "shared lazy": nn.Sequential(nn.Sequential(shared_lazy, nn.ReLU()), shared_lazy),
         "weight norm": nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 3)),
                                      nn.ReLU()),
     }
     for name, model in cases.items():
-        assert _types(fastlayers.fuse(model)) == _types(model), name
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert _types(fastlayers.fuse(model)) == _types(model), name
+        # only a pair left alone for its hooks is reported; the others are not pairs to fuse
+        assert [type(w.message) for w in caught] == \
+            ([SkippedFusionWarning] if name == "hooked linear" else []), name
     x = torch.randn(2, 3)
     model = cases["hooked linear"]
-    assert torch.equal(fastlayers.fuse(model)(x), model(x))
+    with pytest.warns(SkippedFusionWarning):
+        assert torch.equal(fastlayers.fuse(model)(x), model(x))
     # LinearReLU without a following Identity stays (splitting it would shift indices)
     own = nn.Sequential(fastlayers.LinearReLU(3, 3), fastlayers.LinearReLU(3, 2))
     assert _types(fastlayers.unfuse(own)) == _types(own)
 
 
 def test_chain_recognition():
-    assert is_chain(nn.Sequential()) and is_chain(_seed.MySequential())
-    assert not is_chain(SequentialSub()) and not is_chain(_seed.NestMLP())
+    assert is_chain(nn.Sequential()) and is_chain(seed.MySequential())
+    assert not is_chain(SequentialSub()) and not is_chain(seed.NestMLP())
 
     class RenamedSeedCopy(nn.Module):  # the seed's MySequential, other variable names
         def __init__(self, *args):
@@ -211,7 +218,185 @@ def test_errors():
 
 
 def test_deepcopy_of_a_fused_model_keeps_sharing():
-    net = _seed.tied_net()
+    net = seed.tied_net()
     net(torch.rand(2, 4))
     clone = copy.deepcopy(fastlayers.fuse(net))
     assert clone[2] is clone[4]
+
+
+# ---------------------------------------------------------------- TorchScript submodules
+@pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_scripted_and_traced_submodules_are_left_alone_and_the_rest_fused(backend):
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(7, 5), nn.ReLU()))
+    traced = torch.jit.trace(nn.Sequential(nn.Linear(5, 3), nn.ReLU()), torch.randn(2, 5))
+    plain = nn.Sequential(scripted, nn.Linear(5, 5), nn.ReLU(inplace=True), traced,
+                          nn.Linear(3, 2), nn.ReLU())
+    fused = fastlayers.fuse(plain)
+    assert [type(m).__name__ for m in fused][1:3] == ["LinearReLU", "Identity"]
+    assert [type(m).__name__ for m in fused][4:] == ["LinearReLU", "Identity"]
+    assert all(isinstance(fused[i], torch.jit.ScriptModule) for i in (0, 3))
+    assert not any(isinstance(m, fastlayers.LinearReLU) for m in fused[0].modules())
+    _check_equivalent(plain, fused, torch.randn(11, 7), backend)
+    back = fastlayers.unfuse(fused)
+    assert [type(m).__name__ for m in back][1:3] == ["Linear", "ReLU"] and back[2].inplace
+    # a scripted model itself: nothing to rewrite, no error, in place or not
+    assert not is_chain(scripted)
+    assert fastlayers.fuse(scripted, inplace=True) is scripted
+    assert isinstance(fastlayers.fuse(scripted), torch.jit.ScriptModule)
+    assert isinstance(fastlayers.unfuse(traced), torch.jit.ScriptModule)
+
+
+# ---------------------------------------------------------------- unfuse restores the ReLU
+def test_unfuse_restores_the_relu_as_it_was(backend):
+    relu = nn.ReLU(inplace=True)
+    relu.note = "first activation"  # any other state a user put there
+    shared = nn.ReLU()
+    plain = nn.Sequential(nn.Linear(6, 5), relu, nn.Linear(5, 5), shared,
+                          nn.Linear(5, 3), shared).eval()
+    fused = fastlayers.fuse(plain)
+    assert "ReLU" not in _types(fused)  # the kept ReLUs are no submodules ...
+    assert list(fused.state_dict()) == list(plain.state_dict())  # ... and no state
+    back = fastlayers.unfuse(fused)
+    assert _types(back) == _types(plain)
+    assert back[1].inplace is True and back[1].note == "first activation"
+    assert back[3] is back[5] and back[3].inplace is False  # a shared ReLU stays shared
+    assert not back[1].training and not back[3].training
+    back = fastlayers.unfuse(copy.deepcopy(fused).train())  # copies keep it; the flag follows
+    assert back[1].inplace is True and back[1].training
+    _check_equivalent(plain, back, torch.randn(4, 6), backend)
+
+    model = nn.Sequential(nn.Linear(6, 5), relu)  # in place: the very same object comes back
+    fastlayers.unfuse(fastlayers.fuse(model, inplace=True), inplace=True)
+    assert model[1] is relu and relu.inplace
+    # an Identity fuse() did not make becomes a default nn.ReLU()
+    own = fastlayers.unfuse(nn.Sequential(fastlayers.LinearReLU(6, 5), nn.Identity()))
+    assert type(own[1]) is nn.ReLU and own[1].inplace is False
+
+
+# ---------------------------------------------------------------- hooks
+def _first(args):
+    return args[0].detach().clone() if args[0] is not None else None
+
+
+# the hook kinds fuse() names -> register one on a module, appending what it sees to log
+HOOKS = {
+    "forward hook": lambda m, log: m.register_forward_hook(
+        lambda mod, i, o: log.append(o.detach().clone())),
+    "forward pre-hook": lambda m, log: m.register_forward_pre_hook(
+        lambda mod, i: log.append(_first(i))),
+    "backward hook": lambda m, log: m.register_backward_hook(
+        lambda mod, gi, go: log.append(_first(go))),
+    "full backward hook": lambda m, log: m.register_full_backward_hook(
+        lambda mod, gi, go: log.append(_first(go))),
+    "backward pre-hook": lambda m, log: m.register_full_backward_pre_hook(
+        lambda mod, go: log.append(_first(go))),
+    "state_dict hook": lambda m, log: m.register_state_dict_post_hook(
+        lambda mod, sd, prefix, meta: log.append(len(sd))),
+    "state_dict pre-hook": lambda m, log: m.register_state_dict_pre_hook(
+        lambda mod, prefix, keep_vars: log.append(prefix)),
+    "load_state_dict pre-hook": lambda m, log: m.register_load_state_dict_pre_hook(
+        lambda mod, sd, prefix, *rest: log.append(prefix)),
+    "load_state_dict post-hook": lambda m, log: m.register_load_state_dict_post_hook(
+        lambda mod, keys: log.append(len(keys.missing_keys))),
+}
+
+
+def _observe(model, x):
+    """Everything a hook can see: forward, backward, state_dict and load_state_dict."""
+    y = model(x)
+    y.backward(torch.linspace(-1, 2, y.numel()).reshape(y.shape))
+    model.load_state_dict(model.state_dict())
+    return y
+
+
+@pytest.mark.filterwarnings("ignore:Using a non-full backward hook:FutureWarning")
+@pytest.mark.parametrize("hook", list(HOOKS))
+@pytest.mark.parametrize("where", ["Linear", "ReLU"])
+def test_a_hooked_pair_is_left_unfused_named_and_its_hook_sees_the_same(backend, hook, where):
+    plain = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3), nn.ReLU()).to(backend)
+    log_plain = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # register_backward_hook's deprecation
+        HOOKS[hook](plain[0 if where == "Linear" else 1], log_plain)
+    with pytest.warns(SkippedFusionWarning) as caught:
+        fused = fastlayers.fuse(plain)
+    path = "0" if where == "Linear" else "1"
+    assert caught[0].message.skipped == [(path, f"nn.{where} carries a {hook}")]
+    assert f"'{path}': nn.{where} carries a {hook}" in str(caught[0].message)
+    assert _types(fused)[1:] == ["Linear", "ReLU", "LinearReLU", "Identity"]  # the rest fused
+
+    x = torch.randn(3, 5, device=backend, requires_grad=True)
+    log_plain.clear()
+    y_plain = _observe(plain, x)
+    seen_plain = list(log_plain)
+    log_plain.clear()  # the copied hook appends to the same list
+    y_fused = _observe(fused, x)
+    assert seen_plain and len(log_plain) == len(seen_plain)
+    exact = not fastlayers._backend.use_triton(x)
+    for got, want in zip(log_plain, seen_plain):
+        if isinstance(want, torch.Tensor):
+            assert torch.equal(got, want) if exact else torch.allclose(got, want, rtol=1e-5,
+                                                                       atol=1e-6)
+        else:
+            assert got == want
+    assert torch.equal(y_fused, y_plain) if exact else torch.allclose(y_fused, y_plain,
+                                                                      rtol=1e-5, atol=1e-6)
+
+
+def test_hooks_on_both_and_in_nested_containers_are_all_listed():
+    inner = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Identity(), inner))
+    model[0].register_forward_pre_hook(lambda m, i: None)
+    model[1].register_forward_hook(lambda m, i, o: None)
+    inner[0].register_full_backward_hook(lambda m, gi, go: None)
+    with pytest.warns(SkippedFusionWarning, match=r"'2\.1\.0'") as caught:
+        fused = fastlayers.fuse(model)
+    assert caught[0].message.skipped == [
+        ("0", "nn.Linear carries a forward pre-hook"), ("1", "nn.ReLU carries a forward hook"),
+        ("2.1.0", "nn.Linear carries a full backward hook")]
+    assert _types(fused) == _types(model)
+
+
+def test_global_module_hooks_leave_every_pair_alone():
+    seen = []
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU())
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        with pytest.warns(SkippedFusionWarning, match="global module forward hook") as caught:
+            fused = fastlayers.fuse(model)
+        assert [p for p, _ in caught[0].message.skipped] == ["0", "2"]
+        assert _types(fused) == _types(model)
+        fused(torch.randn(2, 3))
+        assert seen == ["Linear", "ReLU", "Linear", "ReLU", "Sequential"]
+    finally:
+        handle.remove()
+    with warnings.catch_warnings():  # gone with the handle: fused, quietly
+        warnings.simplefilter("error")
+        assert "LinearReLU" in _types(fastlayers.fuse(model))
+
+
+def test_unfuse_leaves_a_hooked_fused_pair_and_says_so():
+    fused = fastlayers.fuse(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU()))
+    fused[2].register_forward_hook(lambda m, i, o: None)
+    with pytest.warns(SkippedFusionWarning, match="unfuse") as caught:
+        back = fastlayers.unfuse(fused)
+    assert caught[0].message.skipped == [("2", "LinearReLU carries a forward hook")]
+    assert _types(back)[1:] == ["Linear", "ReLU", "LinearReLU", "Identity"]
+
+
+def test_a_fused_slot_returns_post_relu_values(backend):
+    """What the README warns about: net[0] of a fused net is Linear+ReLU, not the Linear."""
+    plain = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).to(backend)
+    fused = fastlayers.fuse(plain)
+    x = torch.randn(13, 5, device=backend)
+    pre = plain[0](x)
+    assert (pre < 0).any()
+    want = torch.relu(x.double() @ plain[0].weight.double().T + plain[0].bias.double())
+    assert_close_to_ref(fused[0](x), want, tol=1e-6)
+    assert_close_to_ref(fused[:1](x), want, tol=1e-6)
+    assert_close_to_ref(fastlayers.unfuse(fused)[0](x), pre.double(), tol=1e-6)  # the way back
+    with warnings.catch_warnings():  # a clean model fuses without a word
+        warnings.simplefilter("error")
+        fastlayers.fuse(plain)

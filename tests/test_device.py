@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import fastlayers
-from fastlayers import _seed
+from fastlayers.tour import seed as _seed
 from fastlayers.device import to_device, try_all_gpus, try_gpu
 
 from conftest import HAS_CUDA

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 import fastlayers
-from fastlayers import _atomic_write, _seed
+from fastlayers import _atomic_write
 from fastlayers import io as fio
+from fastlayers.tour import seed as _seed
 
 FORMATS = ["pt", "safetensors"]
 

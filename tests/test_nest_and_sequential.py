@@ -7,9 +7,9 @@ import torch.nn.functional as TF
 from torch import nn
 
 import fastlayers
-from fastlayers._seed import FixedHiddenMLPEager as SeedFixedHiddenMLP
-from fastlayers._seed import MySequential as SeedMySequential
-from fastlayers._seed import NestMLPEager as SeedNestMLP
+from fastlayers.tour.seed import FixedHiddenMLPEager as SeedFixedHiddenMLP
+from fastlayers.tour.seed import MySequential as SeedMySequential
+from fastlayers.tour.seed import NestMLPEager as SeedNestMLP
 
 from _util import assert_close_to_ref, randn
 

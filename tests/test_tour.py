@@ -10,7 +10,8 @@ import torch
 
 import fastlayers
 from fastlayers import tour
-from fastlayers.tour_sections import SECTIONS
+from fastlayers.tour import runner
+from fastlayers.tour.sections import SECTIONS
 
 from conftest import HAS_CUDA, HAS_TRITON
 
@@ -46,7 +47,11 @@ def test_quick_tour_passes_every_section():
     assert f"{len(SECTIONS)} sections" in out and "all passed" in out and "FAIL" not in out
     for key, _, _ in SECTIONS:  # every section ran checks, not just its header
         assert any(line.startswith("  ok ") for line in _section_lines(out, key)), key
-    assert " ms" in out  # each step is timed
+    assert " ms" in out
+    # speed: warm medians of several calls, on their own lines, never a cold call per check
+    timed = [line for line in out.splitlines() if line.startswith("       time ")]
+    assert len(timed) == 2 and all("medians of 10 warm calls each" in line for line in timed)
+    assert not any(" ms" in line for line in out.splitlines() if line.startswith("  ok "))
 
 
 def test_a_failing_check_makes_the_exit_status_non_zero():
@@ -85,6 +90,8 @@ def test_quick_tour_through_the_triton_kernels():
     text = out.getvalue()
     assert status == 0, text[-3000:]
     assert "fused ops run triton" in text and "rel err" in text and "all passed" in text
+    assert "not timed (the fused ops run in Triton's CPU interpreter" in text  # no misleading times
+    assert "medians of" not in text
 
 
 def _tour(fail_section=None):
@@ -131,7 +138,7 @@ def test_progress_is_quiet_for_short_steps_and_shown_for_long_ones(monkeypatch):
         t.progress(i, 10, "short")
     assert t.out.getvalue() == ""
     clock = iter(range(0, 1000, 1))  # one "second" per call
-    monkeypatch.setattr(tour.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: float(next(clock)))
     for i in range(1, 11):
         t.progress(i, 10, "long")
     lines = t.out.getvalue().splitlines()
@@ -141,3 +148,26 @@ def test_progress_is_quiet_for_short_steps_and_shown_for_long_ones(monkeypatch):
 def test_resolve_device():
     assert tour.resolve_device("cpu") == torch.device("cpu")
     assert tour.resolve_device("auto") == fastlayers.device.try_gpu()
+
+
+def test_timing_prints_warm_medians_not_the_cold_call(monkeypatch):
+    """Fake clock: each call advances it by its scripted duration. The cold first calls
+    (warm-up) and the outliers must not show; the medians and their ratio must."""
+    now = [0.0]
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: now[0])
+
+    def scripted(durations):
+        it = iter(durations)
+
+        def call():
+            now[0] += next(it)
+        return call
+    ours = scripted([9.0, 5.0] + [0.004, 0.001, 0.002, 0.003, 0.100])  # 2 warm-up calls
+    seed = scripted([7.0, 3.0] + [0.006, 0.009, 0.005, 0.007, 0.008])
+    t = _tour()
+    assert t.timing("step", ours, seed, repeat=5, warmup=2) == pytest.approx((0.003, 0.007))
+    line = t.out.getvalue().strip()
+    assert line == ("time step: fastlayers 3.000 ms, seed 7.000 ms (medians of 5 warm calls "
+                    "each; seed / fastlayers = 2.33; the fused ops run plain torch on this "
+                    "device)")
+    assert (t.checks, t.failures) == (0, 0)  # shown, not judged

@@ -1,9 +1,10 @@
-"""``python -m fastlayers``: a guided tour of the seed's Builders' Guide, run through fastlayers.
+"""The tour's runner: ``Tour`` (checks, progress, sections) and ``main``.
 
-Every section runs the seed's own plain-torch code (:mod:`fastlayers._seed`) and the
+Every section runs the seed's own plain-torch code (:mod:`fastlayers.tour.seed`) and the
 fastlayers way of doing the same thing on the chosen device, compares the two and prints
-one line per step with its timing. The exit status is 0 when every check passed, 1 when
-any failed, 2 for bad arguments.
+one line per check. Speed is shown on separate ``time`` lines (:meth:`Tour.timing`): the
+median of several warm calls of each side, never a first (cold) call, and not judged. The
+exit status is 0 when every check passed, 1 when any failed, 2 for bad arguments.
 
 Checks: tensors must be equal bitwise where both sides run the same torch kernels (the
 torch path on CPU) and within ``CLOSE_RTOL`` relative error (Frobenius norm) where the
@@ -15,10 +16,11 @@ fastlayers side of every check in that section before comparing, to show (and te
 a failing check is reported and turns the exit status non-zero.
 """
 import os
+import statistics
 import sys
 import time
 import traceback
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -52,15 +54,11 @@ class Tour:
     def _sabotaged(self) -> bool:
         return self.fail_section in (self.section_key, "all")
 
-    def _record(self, label: str, ok: bool, detail: str, ours_s: float,
-                seed_s: Optional[float] = None) -> bool:
+    def _record(self, label: str, ok: bool, detail: str) -> bool:
         self.checks += 1
         self.failures += not ok
         mark = "ok  " if ok else "FAIL"
-        timing = f"fastlayers {ours_s * 1e3:7.1f} ms"
-        if seed_s is not None:
-            timing += f" | seed {seed_s * 1e3:7.1f} ms"
-        self.say(f"  {mark} {label:<62} {detail:<24} {timing}")
+        self.say(f"  {mark} {label:<62} {detail}")
         return ok
 
     def compare(self, label: str, ours: Callable, seed: Callable, exact: Optional[bool] = None,
@@ -69,25 +67,58 @@ class Tour:
         tensors, numbers, strings, or lists/tuples/dicts of those. exact: force bitwise
         (True) or tolerant (False, relative error <= rtol) comparison; default: bitwise on
         the torch path."""
-        t0 = time.perf_counter()
         got = ours()
-        t1 = time.perf_counter()
         want = seed()
-        t2 = time.perf_counter()
         if self._sabotaged():
             got = _perturb(got)
         exact = self.exact if exact is None else exact
         ok, detail = _match(got, want, exact, rtol)
-        return self._record(label, ok, detail, t1 - t0, t2 - t1)
+        return self._record(label, ok, detail)
 
     def expect(self, label: str, fact: Callable[[], bool]):
         """Check a fact about the fastlayers side (``fact()`` must return True)."""
-        t0 = time.perf_counter()
         ok = bool(fact())
-        seconds = time.perf_counter() - t0
         if self._sabotaged():
             ok = not ok
-        return self._record(label, ok, "yes" if ok else "no", seconds)
+        return self._record(label, ok, "yes" if ok else "no")
+
+    def timing(self, label: str, ours: Callable, seed: Callable, repeat: int = 20,
+               warmup: int = 3) -> Optional[Tuple[float, float]]:
+        """Show how fast ``ours()`` (fastlayers) and ``seed()`` run: ``warmup`` untimed calls
+        of each, then ``repeat`` timed calls of each, alternating (a noisy machine drifts
+        alike for both), each ended by a device synchronisation on CUDA; prints the two
+        medians and their ratio. Shown, not judged: no check is recorded. Where the fused ops
+        run in Triton's CPU interpreter (a correctness tool) nothing is timed. Returns the
+        medians in seconds ``(ours, seed)``, or None when not timed."""
+        if self.device.type == "cpu" and not self.exact:
+            self.say(f"       time {label}: not timed (the fused ops run in Triton's CPU "
+                     f"interpreter here, a correctness tool)")
+            return None
+        cuda = self.device.type == "cuda"
+
+        def once(fn) -> float:
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            start = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            return time.perf_counter() - start
+
+        for _ in range(warmup):
+            ours()
+            seed()
+        times_ours, times_seed = [], []
+        for i in range(repeat):
+            times_ours.append(once(ours))
+            times_seed.append(once(seed))
+            self.progress(i + 1, repeat, f"timing {label}")
+        o, s = statistics.median(times_ours), statistics.median(times_seed)
+        note = "; the fused ops run plain torch on this device" if self.exact else ""
+        self.say(f"       time {label}: fastlayers {o * 1e3:.3f} ms, seed {s * 1e3:.3f} ms "
+                 f"(medians of {repeat} warm calls each; seed / fastlayers = "
+                 f"{s / o if o > 0 else float('inf'):.2f}{note})")
+        return o, s
 
     def show(self, text: str) -> None:
         """Print what the seed would print (indented), e.g. a module or a table."""
@@ -203,7 +234,7 @@ def header(device: torch.device, quick: bool) -> List[str]:
 
 
 def main(device: str = "auto", quick: bool = False, out=sys.stdout) -> int:
-    from .tour_sections import SECTIONS
+    from .sections import SECTIONS
     try:
         dev = resolve_device(device)
     except ValueError as exc:

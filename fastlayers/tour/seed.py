@@ -1,6 +1,7 @@
 """The seed's plain-torch code (Dive into Deep Learning, "Builders' Guide"), verbatim where
 possible: the reference the tour (``python -m fastlayers``), the tests and the benchmarks
-check fastlayers against. Nothing here uses fastlayers.
+check fastlayers against (``from fastlayers.tour import seed``). Nothing here uses
+fastlayers.
 """
 import torch
 from torch import nn

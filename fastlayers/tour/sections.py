@@ -1,6 +1,6 @@
 """The tour's sections, one per part of the seed, in the seed's order (see fastlayers.tour).
 
-Each section builds the seed's plain-torch model (``fastlayers._seed``) and the fastlayers
+Each section builds the seed's plain-torch model (:mod:`fastlayers.tour.seed`) and the fastlayers
 one under the same random seed (so lazy layers draw the same initial weights), runs both
 on the tour's device (``torch.device`` context) and compares them with ``t.compare`` /
 ``t.expect``.
@@ -8,20 +8,21 @@ on the tour's device (``torch.device`` context) and compares them with ``t.compa
 import copy
 import os
 import tempfile
-import time
 
 import torch
 from torch import nn
 
 import fastlayers
-from fastlayers import _seed, init
+from fastlayers import init
 from fastlayers import io as fio
 from fastlayers.params import describe
 
+from . import seed
 
-def _seeded(build, X, seed=0):
-    """build() under ``torch.manual_seed(seed)``, then one forward pass on X: (net, Y)."""
-    torch.manual_seed(seed)
+
+def _seeded(build, X, rng_seed=0):
+    """build() under ``torch.manual_seed(rng_seed)``, then one forward pass on X: (net, Y)."""
+    torch.manual_seed(rng_seed)
     net = build()
     return net, net(X)
 
@@ -63,10 +64,10 @@ def layers_and_modules(t):
                                                     nn.LazyLinear(10)), X)[1],
               lambda: _seeded(seq, X)[1])
     t.compare("class MLP: out(relu(hidden(X))) with a fused hidden layer",
-              lambda: _seeded(FusedMLP, X)[1], lambda: _seeded(_seed.MLP, X)[1])
+              lambda: _seeded(FusedMLP, X)[1], lambda: _seeded(seed.MLP, X)[1])
     t.expect("MLP state_dict keys unchanged by fusing",
              lambda: list(_seeded(FusedMLP, X)[0].state_dict()) ==
-             list(_seeded(_seed.MLP, X)[0].state_dict()))
+             list(_seeded(seed.MLP, X)[0].state_dict()))
     t.show(_seeded(lambda: fastlayers.fuse(seq()), X)[0])
 
     steps, batch = (5, 64) if t.quick else (300, 1024)
@@ -75,35 +76,21 @@ def layers_and_modules(t):
               lambda: _train(t, _seeded(lambda: fastlayers.fuse(seq()), Xt)[0], Xt, Yt, steps,
                              "training fused"),
               lambda: _train(t, _seeded(seq, Xt)[0], Xt, Yt, steps, "training seed"), rtol=1e-4)
-    if not t.quick:
-        _speed(t, seq, X)
+    _speed(t, seq)
 
 
-def _speed(t, seq, X):
-    """Forward time of the fused and the seed's net at a larger batch (shown, not judged)."""
-    Xb = torch.rand(4096, 20)
+def _speed(t, seq):
+    """Forward time of the fused and the seed's net (warm medians; shown, not judged)."""
+    batch, repeat = (1024, 10) if t.quick else (4096, 50)
+    Xb = torch.rand(batch, 20)
     fused, plain = _seeded(lambda: fastlayers.fuse(seq()), Xb)[0], _seeded(seq, Xb)[0]
-    timings = {}
-    for name, net in (("fused", fused), ("seed", plain)):
-        with torch.no_grad():
-            for _ in range(3):
-                net(Xb)
-            if t.device.type == "cuda":
-                torch.cuda.synchronize()
-            start, n = time.perf_counter(), 50
-            for i in range(n):
-                net(Xb)
-                t.progress(i + 1, n, f"timing {name} forward, batch 4096")
-            if t.device.type == "cuda":
-                torch.cuda.synchronize()
-            timings[name] = (time.perf_counter() - start) / n
-    t.say(f"       forward, batch 4096: fused {timings['fused'] * 1e3:.3f} ms, seed "
-          f"{timings['seed'] * 1e3:.3f} ms (seed / fused = {timings['seed'] / timings['fused']:.2f})")
+    with torch.no_grad():
+        t.timing(f"forward, batch {batch}", lambda: fused(Xb), lambda: plain(Xb), repeat)
 
 
 def custom_blocks(t):
     X = torch.rand(2, 20)
-    seed_net = lambda: _seed.MySequential(nn.LazyLinear(256), nn.ReLU(),  # noqa: E731
+    seed_net = lambda: seed.MySequential(nn.LazyLinear(256), nn.ReLU(),  # noqa: E731
                                           nn.LazyLinear(10))
     t.compare("seed's MySequential(LazyLinear, ReLU, LazyLinear), fused by fastlayers.fuse",
               lambda: _seeded(lambda: fastlayers.fuse(seed_net()), X)[1],
@@ -121,10 +108,13 @@ def custom_forward(t):
     batches = [2, 7] if t.quick else [2, 7, 4096, 65536]
     for batch in batches:
         X = torch.rand(batch, 20)
-        seed_net = _seeded(_seed.FixedHiddenMLP, X)[0]
+        seed_net = _seeded(seed.FixedHiddenMLP, X)[0]
         ours = cls.from_seed(seed_net, reduce="sum")  # the seed's linear and rand_weight
         t.compare(f"FixedHiddenMLP(reduce='sum'), batch {batch}: the halving loop's result",
                   lambda: ours(X), lambda: seed_net(X))
+    with torch.no_grad():  # the last batch; the seed tests the sum once per halving (a GPU sync)
+        t.timing(f"FixedHiddenMLP(reduce='sum') forward, batch {batch}", lambda: ours(X),
+                 lambda: seed_net(X), 10 if t.quick else 20)
     t.expect("rand_weight is a buffer (moved by .to(), saved by state_dict)",
              lambda: "rand_weight" in dict(cls().named_buffers()) and
              "rand_weight" in cls().state_dict())
@@ -132,7 +122,7 @@ def custom_forward(t):
 
 def nesting(t):
     X = torch.rand(2, 20)
-    seed_chimera, y_seed = _seeded(_seed.chimera, X)
+    seed_chimera, y_seed = _seeded(seed.chimera, X)
     t.compare("seed's chimera, fused by fastlayers.fuse",
               lambda: fastlayers.fuse(seed_chimera)(X), lambda: seed_chimera(X))
     ours = nn.Sequential(fastlayers.NestMLP(), nn.Linear(16, 20),
@@ -151,13 +141,13 @@ def nesting(t):
 def custom_layers(t):
     x = torch.tensor([1.0, 2, 3, 4, 5])
     t.compare("CenteredLayer()(tensor([1., 2, 3, 4, 5]))",
-              lambda: fastlayers.CenteredLayer()(x), lambda: _seed.CenteredLayer()(x))
+              lambda: fastlayers.CenteredLayer()(x), lambda: seed.CenteredLayer()(x))
     X = torch.rand(4, 8)
     t.compare("Sequential(LazyLinear(128), CenteredLayer())(rand(4, 8))",
               lambda: _seeded(lambda: nn.Sequential(nn.LazyLinear(128),
                                                     fastlayers.CenteredLayer()), X)[1],
               lambda: _seeded(lambda: nn.Sequential(nn.LazyLinear(128),
-                                                    _seed.CenteredLayer()), X)[1])
+                                                    seed.CenteredLayer()), X)[1])
     Y = _seeded(lambda: nn.Sequential(nn.LazyLinear(128), fastlayers.CenteredLayer()), X)[1]
     t.expect(f"its mean is ~0 ({Y.mean().item():.1e})", lambda: abs(Y.mean().item()) < 1e-5)
 
@@ -166,16 +156,16 @@ def custom_layers(t):
         return cls(*args)
     t.compare("MyLinear(5, 3): the same randn weight [5, 3] and bias [3]",
               lambda: dict(pair(fastlayers.MyLinear, 5, 3).state_dict()),
-              lambda: dict(pair(_seed.MyLinear, 5, 3).state_dict()))
+              lambda: dict(pair(seed.MyLinear, 5, 3).state_dict()))
     X = torch.rand(2, 5)
     # Same math, but relu(X @ W + b) fused is one GEMM with a bias epilogue where the seed
     # runs matmul then add: equal up to fp32 rounding, not bitwise.
     t.compare("linear(torch.rand(2, 5))", lambda: pair(fastlayers.MyLinear, 5, 3)(X),
-              lambda: pair(_seed.MyLinear, 5, 3)(X), exact=False)
+              lambda: pair(seed.MyLinear, 5, 3)(X), exact=False)
     X = torch.rand(2, 64)
     two = lambda cls: nn.Sequential(cls(64, 8), cls(8, 1))  # noqa: E731
     t.compare("Sequential(MyLinear(64, 8), MyLinear(8, 1))(rand(2, 64))",
-              lambda: pair(two, fastlayers.MyLinear)(X), lambda: pair(two, _seed.MyLinear)(X),
+              lambda: pair(two, fastlayers.MyLinear)(X), lambda: pair(two, seed.MyLinear)(X),
               exact=False)
     layer = fastlayers.MyLinear(5, 3)
     layer(torch.rand(2, 5)).sum().backward()
@@ -202,7 +192,7 @@ def parameter_access(t):
               lambda: seed_net.state_dict()["2.bias"].data)
     t.show(describe(net))
     X = torch.rand(size=(2, 4))
-    seed_rg = _seeded(_seed.rgnet, X)[0]
+    seed_rg = _seeded(seed.rgnet, X)[0]
     rgnet = fastlayers.fuse(seed_rg)
     t.compare("rgnet = Sequential(block2(), Linear(4, 1)) fused: rgnet(X)",
               lambda: rgnet(X), lambda: seed_rg(X))
@@ -224,18 +214,18 @@ def initialisation(t):
             return dict(net.state_dict())
         t.compare(label, lambda: run(fastlayers.fuse(base), ours_init),
                   lambda: run(copy.deepcopy(base), seed_init), exact=True)
-    both(lambda n: init.normal_(n, std=0.01), lambda n: n.apply(_seed.init_normal),
+    both(lambda n: init.normal_(n, std=0.01), lambda n: n.apply(seed.init_normal),
          "init.normal_(net, std=0.01) == net.apply(init_normal)")
-    both(lambda n: init.constant_(n, 1), lambda n: n.apply(_seed.init_constant),
+    both(lambda n: init.constant_(n, 1), lambda n: n.apply(seed.init_constant),
          "init.constant_(net, 1) == net.apply(init_constant)")
     both(lambda n: (init.xavier_uniform_(n[0], bias="keep"), init.constant_(n[2], 42, bias="keep")),
-         lambda n: (n[0].apply(_seed.init_xavier), n[2].apply(_seed.init_42)),
+         lambda n: (n[0].apply(seed.init_xavier), n[2].apply(seed.init_42)),
          "xavier on net[0], 42 on net[2]")
 
     def my_init(m):  # the seed's my_init; init.apply hands it only linear-like layers
         nn.init.uniform_(m.weight, -10, 10)
         m.weight.data *= m.weight.data.abs() >= 5
-    both(lambda n: init.apply(n, my_init), lambda n: n.apply(_seed.my_init),
+    both(lambda n: init.apply(n, my_init), lambda n: n.apply(seed.my_init),
          "init.apply(net, my_init) == net.apply(my_init)")
     net = fastlayers.fuse(base)
     net[0].weight.data[:] += 1
@@ -245,7 +235,7 @@ def initialisation(t):
 
 def tied_parameters(t):
     X = torch.rand(2, 4)
-    seed_net = _seeded(_seed.tied_net, X)[0]
+    seed_net = _seeded(seed.tied_net, X)[0]
     net = fastlayers.fuse(seed_net)
     t.compare("net(X) with the shared layer at net[2] and net[4]", lambda: net(X),
               lambda: seed_net(X))
@@ -293,11 +283,11 @@ def file_io(t):
             t.compare(f"io.save / io.load {name}", ours, lambda obj=obj: obj, exact=True)
         X = torch.randn(size=(2, 20))
         for suffix in ("params", "safetensors"):
-            net, Y = _seeded(_seed.IoMLP, X)
+            net, Y = _seeded(seed.IoMLP, X)
             fio.save(net.state_dict(), path(f"mlp.{suffix}"))
 
             def clone_output(suffix=suffix):
-                clone = fastlayers.fuse(_seed.IoMLP())
+                clone = fastlayers.fuse(seed.IoMLP())
                 clone.load_state_dict(fio.load(path(f"mlp.{suffix}")))
                 clone.eval()
                 return clone(X)
@@ -329,10 +319,10 @@ def file_io(t):
 def gpus(t):
     t.compare("try_gpu(), try_gpu(10)", lambda: (fastlayers.device.try_gpu(),
                                                   fastlayers.device.try_gpu(10)),
-              lambda: (_seed.try_gpu(), _seed.try_gpu(10)))
+              lambda: (seed.try_gpu(), seed.try_gpu(10)))
     t.compare("try_all_gpus(): the seed's GPUs (ours adds cpu if none)",
               lambda: [d for d in fastlayers.device.try_all_gpus() if d.type == "cuda"],
-              lambda: _seed.try_all_gpus())
+              lambda: seed.try_all_gpus())
     X = torch.ones(2, 3, device=fastlayers.device.try_gpu())
     t.expect(f"X = torch.ones(2, 3, device=try_gpu()) is on {X.device}",
              lambda: X.device == fastlayers.device.try_gpu())
