@@ -36,7 +36,7 @@ import os
 import secrets
 import stat
 
-from .io_errors import SpecialFileError, new_access_error
+from .io_errors import SpecialFileError, new_access_error, special_kind
 
 _AT_FDCWD = -100
 _AT_EMPTY_PATH = 0x1000
@@ -161,9 +161,8 @@ def resolve_target(path):
             raise new_access_error(IsADirectoryError, errno.EISDIR,
                                    f"cannot save to {shown}: it is a directory", path)
         if not stat.S_ISREG(existing.st_mode):
-            kind = ("a FIFO" if stat.S_ISFIFO(existing.st_mode) else "a socket"
-                    if stat.S_ISSOCK(existing.st_mode) else "a device node")
-            raise SpecialFileError(errno.EINVAL, f"cannot save to {shown}: it is {kind}, not a "
+            raise SpecialFileError(errno.EINVAL, f"cannot save to {shown}: it is "
+                                   f"{special_kind(existing.st_mode)}, not a "
                                    f"regular file (fastlayers saves only regular files, "
                                    f"atomically); save to a file and copy it there", path)
         if not os.access(path, os.W_OK):

@@ -45,7 +45,7 @@ from ._atomic_write import atomic_write
 from .io_errors import (CorruptFileError, DeviceUnavailableError, FastlayersIOError,
                         FileAccessError, SpecialFileError, StateDictMismatchError,
                         UnsafeFileError, UnsupportedTensorError, access_error, corrupt,
-                        new_access_error, os_failure)
+                        new_access_error, os_failure, special_kind)
 from .io_model import LoadReport, load_model, save_model
 from .io_safetensors import load_safetensors, to_safetensors
 from .io_savable import check_savable
@@ -98,8 +98,8 @@ def _check_readable(path) -> None:
         raise new_access_error(IsADirectoryError, errno.EISDIR,
                                f"cannot load {os.fspath(path)}: it is a directory", path)
     if not stat.S_ISREG(info.st_mode):
-        raise SpecialFileError(errno.EINVAL, f"cannot load {os.fspath(path)}: it is a FIFO, "
-                               f"device node or socket, not a regular file")
+        raise SpecialFileError(errno.EINVAL, f"cannot load {os.fspath(path)}: it is "
+                               f"{special_kind(info.st_mode)}, not a regular file")
     try:
         with open(path, "rb"):
             pass

@@ -11,6 +11,7 @@ import errno
 import functools
 import os
 import pickle
+import stat
 
 
 class FastlayersIOError(Exception):
@@ -48,6 +49,12 @@ class FileAccessError(FastlayersIOError, OSError):
 class SpecialFileError(FileAccessError):
     """The path is a FIFO, device node or socket, which fastlayers neither saves over nor
     loads from."""
+
+
+def special_kind(mode: int) -> str:
+    """'a FIFO', 'a socket' or 'a device node' for a non-regular, non-directory st_mode."""
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device node")
 
 
 @functools.lru_cache(maxsize=None)
