@@ -113,7 +113,7 @@ def to_safetensors(obj) -> Tuple[dict, dict]:
 def _looks_like_ours(value: str) -> bool:
     try:
         parsed = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(parsed, dict) and "container" in parsed and "crc32" in parsed
 
@@ -125,7 +125,7 @@ def _validated_meta(path, raw_meta, names) -> dict:
                                 f"{cause} (the file is corrupted or was edited)")
     try:
         meta = json.loads(raw_meta)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise bad("is not valid JSON") from exc
     if not isinstance(meta, dict):
         raise bad(f"is a JSON {type(meta).__name__}, not an object")
@@ -153,8 +153,12 @@ def _validated_meta(path, raw_meta, names) -> dict:
     if expected is not None and keys != expected:
         raise bad(f"gives names {keys[:5]} for a {container}, expected {expected[:5]}")
     layout = meta.get("layout")
-    if layout is not None and (not isinstance(layout, dict) or set(layout) != set(keys)):
-        raise bad("has a layout table that does not list exactly its tensors")
+    if layout is not None and (
+            not isinstance(layout, dict) or set(layout) != set(keys)
+            or not all(isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)
+                       and isinstance(v[1], list) and all(type(d) is int for d in v[1])
+                       for v in layout.values())):
+        raise bad("has a layout table that does not give exactly its tensors' dtypes and shapes")
     return meta
 
 

@@ -7,7 +7,9 @@ anything:
 
 * every small record torch reads, and ``data.pkl``;
 * the ``data/<key>`` records the pickle refers to (found by unpickling ``data.pkl`` with
-  torch's weights-only unpickler onto the ``meta`` device: no data is read or allocated).
+  torch's weights-only unpickler onto the ``meta`` device: no data is read or allocated),
+  and that each holds as many bytes as the pickle says (so a damaged size never makes
+  torch allocate more than the file holds).
 
 Members torch never reads (other names, storages nothing refers to) are neither read nor
 decompressed, so the check costs one read of what ``torch.load`` reads, whatever else the
@@ -48,18 +50,19 @@ def _check_record(path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> byte
     return b"".join(parts)
 
 
-def _storage_keys(pickled: bytes) -> set:
-    """The storage keys ``data.pkl`` refers to, without reading or allocating any data.
+def _storage_keys(pickled: bytes) -> dict:
+    """{storage key: its size in bytes} for the storages ``data.pkl`` refers to, without
+    reading or allocating any data.
     Raises what the unpickler raises (the caller lets torch.load report unsafe files)."""
     from torch._weights_only_unpickler import Unpickler
 
-    keys = set()
+    keys = {}
 
     def persistent_load(pid):
         _, storage_type, key, _location, numel = pid
-        keys.add(str(key))
         dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
         nbytes = int(numel) * torch._utils._element_size(dtype)
+        keys.setdefault(str(key), nbytes)  # torch.load too sizes a storage at its first use
         return torch.storage.TypedStorage(
             wrap_storage=torch.UntypedStorage(nbytes, device="meta"), dtype=dtype, _internal=True)
 
@@ -105,9 +108,13 @@ def verify_torch_zip(path) -> None:
             keys = _storage_keys(pickled)
         except Exception:  # noqa: BLE001
             return  # unsafe, or a form this check does not know: torch.load judges the pickle
-        for key in sorted(keys):
+        for key, nbytes in sorted(keys.items()):
             info = by_name.get(f"{prefix}/data/{key}")
             if info is None:
                 raise corrupt(path, cause=f"record {prefix}/data/{key!s}, which the file refers "
                                           f"to, is missing (the file is truncated or corrupted)")
+            if info.file_size != nbytes:  # checked before torch allocates nbytes for it
+                raise corrupt(path, cause=f"record {prefix}/data/{key!s} holds {info.file_size} "
+                                          f"bytes but the file says {nbytes} (the file is "
+                                          f"corrupted)")
             _check_record(path, archive, info)
