@@ -4,6 +4,8 @@ file-system failures as such, never as corruption."""
 import errno
 import os
 import pathlib
+import select
+import signal
 import socket
 import stat
 import tempfile
@@ -125,8 +127,11 @@ def _as_user(uid, fn):
         os.write(write_end, result.encode())
         os._exit(0)
     os.close(write_end)
+    ready, _, _ = select.select([read_end], [], [], 120)
+    if not ready:  # never hang the suite on a stuck child
+        os.kill(pid, signal.SIGKILL)
     with os.fdopen(read_end, "rb") as f:
-        out = f.read().decode()
+        out = f.read().decode() if ready else "CHILD FAILED: no answer in 120 s"
     os.waitpid(pid, 0)
     return out
 
