@@ -100,8 +100,9 @@ def _copy_attributes(fd: int, existing) -> None:
             os.fchown(fd, existing.st_uid, existing.st_gid)
         except OSError:  # not a member of that group (or no chown here): keep ours
             pass
-    if hasattr(os, "fchmod"):
-        os.fchmod(fd, stat.S_IMODE(existing.st_mode))  # after chown, which clears setuid
+    if hasattr(os, "fchmod"):  # after chown, which clears setuid
+        with contextlib.suppress(OSError):  # filesystems without modes (vfat, some FUSE)
+            os.fchmod(fd, stat.S_IMODE(existing.st_mode))
 
 
 def _temp_error(path: str, directory: str, exc: OSError):

@@ -221,7 +221,8 @@ def test_hostile_or_damaged_safetensors_metadata_is_refused(tmp_path):
 
 # --------------------------------------------------------------------------- what safetensors holds
 @pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning",
-                            "ignore:Sparse CSR tensor support:UserWarning")
+                            "ignore:Sparse CSR tensor support:UserWarning",
+                            "ignore:TypedStorage is deprecated:UserWarning")  # torch's qtensor load
 def test_tensors_safetensors_cannot_hold_are_refused(tmp_path):
     cases = {
         "complex128": (torch.randn(3, dtype=torch.complex128), "torch.complex128 tensor"),
