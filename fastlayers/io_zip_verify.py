@@ -83,7 +83,7 @@ def verify_torch_zip(path) -> None:
     try:
         archive = zipfile.ZipFile(path)
     except OSError:
-        raise
+        raise  # the file system, not the file: the caller reports it as such
     except Exception as exc:  # BadZipFile, NotImplementedError, ValueError, ...
         raise corrupt(path, exc) from exc
     with archive:
@@ -91,12 +91,21 @@ def verify_torch_zip(path) -> None:
         if not infos:
             raise corrupt(path, cause="the zip archive is empty (not a torch file)")
         prefix = infos[0].filename.split("/", 1)[0]
-        by_name = {}
+        by_name, twice = {}, set()
         for info in infos:
-            by_name.setdefault(info.filename, info)  # like torch's reader: the first wins
+            if info.filename in by_name:
+                twice.add(info.filename)
+            by_name.setdefault(info.filename, info)
+
+        def record(name):  # which of two same-named records torch reads is unspecified
+            if name in twice:
+                raise corrupt(path, cause=f"record {name} appears twice in the zip archive (the "
+                                          f"file is corrupted or was edited)")
+            return by_name.get(name)
+
         pickled = None
         for name in _SMALL_RECORDS:
-            info = by_name.get(f"{prefix}/{name}")
+            info = record(f"{prefix}/{name}")
             if info is not None:
                 data = _check_record(path, archive, info)
                 if name == "data.pkl":
@@ -109,7 +118,7 @@ def verify_torch_zip(path) -> None:
         except Exception:  # noqa: BLE001
             return  # unsafe, or a form this check does not know: torch.load judges the pickle
         for key, nbytes in sorted(keys.items()):
-            info = by_name.get(f"{prefix}/data/{key}")
+            info = record(f"{prefix}/data/{key}")
             if info is None:
                 raise corrupt(path, cause=f"record {prefix}/data/{key!s}, which the file refers "
                                           f"to, is missing (the file is truncated or corrupted)")

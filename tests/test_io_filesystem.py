@@ -299,3 +299,15 @@ def test_load_reports_file_system_errors_as_such(tmp_path, monkeypatch, fmt):
             fio.load(path)
         assert isinstance(info.value, fio.FileAccessError)
         assert not isinstance(info.value, fio.CorruptFileError)
+
+
+def test_hard_links_keep_the_old_content_under_their_other_names(tmp_path):
+    """As documented: an atomic save replaces this name; another hard link to the old
+    file is a separate name for the old content (torch.save would write into both)."""
+    path, other = tmp_path / "a.pt", tmp_path / "b.pt"
+    fio.save(_tensors(0), path)
+    os.link(path, other)
+    fio.save(_tensors(1), path)
+    _equal(fio.load(path), _tensors(1))
+    _equal(fio.load(other), _tensors(0))
+    assert path.stat().st_nlink == 1 and other.stat().st_nlink == 1

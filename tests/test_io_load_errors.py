@@ -158,6 +158,23 @@ def test_referenced_record_missing_or_damaged_fails_verification(tmp_path):
     assert isinstance(exc_info.value.__cause__, zipfile.BadZipFile)
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name:UserWarning")
+def test_a_record_torch_reads_may_not_appear_twice(tmp_path):
+    """Which of two same-named records torch's reader picks is unspecified: refused."""
+    path = tmp_path / "twice.pt"
+    fio.save(_state(), path)
+    with zipfile.ZipFile(path) as archive:
+        prefix = archive.namelist()[0].split("/")[0]
+        data = archive.read(f"{prefix}/data/0")
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr(f"{prefix}/data/0", bytes(reversed(data)))  # intact CRC, other data
+        archive.writestr(f"{prefix}/unread", b"x")
+        archive.writestr(f"{prefix}/unread", b"y")
+    with pytest.raises(fio.CorruptFileError, match=rf"twice\.pt: record {prefix}/data/0 appears "
+                                                   rf"twice"):
+        fio.load(path)
+
+
 def test_unsafe_pickle_is_chained(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"w": torch.ones(2), "f": os.system}, path)
