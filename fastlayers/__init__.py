@@ -9,7 +9,7 @@ from ._backend import backend_info, get_backend, set_backend, use_backend  # noq
 from .layers import LazyLinearReLU, LinearReLU, MyLinear  # noqa: F401
 from .layers import FixedHiddenMatmul, FixedHiddenMLP, MySequential, NestMLP  # noqa: F401
 from . import device, init, io, params, settings  # noqa: F401  (helpers, as attributes)
-from .convert import fuse, unfuse  # noqa: F401
+from .convert import SkippedFusionWarning, fuse, unfuse  # noqa: F401
 from .layers import CenteredLayer  # noqa: F401
 
 __version__ = "0.1.0"
@@ -18,6 +18,6 @@ __all__ = [
     "LinearReLU", "LazyLinearReLU", "MyLinear",
     "FixedHiddenMatmul", "FixedHiddenMLP", "NestMLP", "MySequential",
     "CenteredLayer",
-    "fuse", "unfuse", "params", "init", "io", "device",
+    "fuse", "unfuse", "SkippedFusionWarning", "params", "init", "io", "device",
     "functional", "settings", "backend_info", "get_backend", "set_backend", "use_backend",
 ]

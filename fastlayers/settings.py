@@ -7,7 +7,7 @@
 | ``FASTLAYERS_AUTOTUNE`` | a flag | off | GPU GEMMs search their config list per shape instead of the heuristic |
 | ``FASTLAYERS_TMA`` | a flag | off | GPU GEMMs take the persistent TMA kernel where operands allow |
 | ``FASTLAYERS_REQUIRE_TRITON`` | a flag | off | tests: fail instead of skipping kernel tests when triton is unusable |
-| ``FASTLAYERS_TOUR_FAIL`` | a section name, or all | (none) | the tour: perturb a section to show its failure report |
+| ``FASTLAYERS_TOUR_FAIL`` | a section name, or all | (none) | the tour (read when it starts): perturb a section to show its failure report |
 
 A flag is one of 0/1, true/false, yes/no, on/off (any case, surrounding spaces ignored);
 empty or unset means the default. Anything else is a ``ValueError`` naming the variable.
@@ -107,6 +107,13 @@ def _push_to_kernels() -> None:
     except ImportError:  # no triton
         return
     runtime.configure(autotune=autotune, tma=tma)
+
+
+def read(var: str, environ=os.environ):
+    """Parse one switch from ``environ`` now, by its rule (for switches a program reads
+    when it starts, such as the tour's ``FASTLAYERS_TOUR_FAIL``)."""
+    _attr, kind, default = SETTINGS[var]
+    return _parse(var, kind, default, environ.get(var))
 
 
 def as_dict() -> dict:

@@ -15,7 +15,6 @@ fused Triton kernels run (a GPU, or ``FASTLAYERS_BACKEND=triton`` with
 fastlayers side of every check in that section before comparing, to show (and test) that
 a failing check is reported and turns the exit status non-zero.
 """
-import os
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 import fastlayers
-from fastlayers import _backend
+from fastlayers import _backend, settings
 
 CLOSE_RTOL = 2e-5
 FAIL_ENV = "FASTLAYERS_TOUR_FAIL"
@@ -240,7 +239,7 @@ def main(device: str = "auto", quick: bool = False, out=sys.stdout) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    tour = Tour(dev, quick, out, fail_section=os.environ.get(FAIL_ENV) or None)
+    tour = Tour(dev, quick, out, fail_section=settings.read(FAIL_ENV))
     for line in header(dev, quick):
         tour.say(line)
     if tour.fail_section and tour.fail_section not in {k for k, _, _ in SECTIONS} | {"all"}:
