@@ -116,3 +116,38 @@ def prepare_linear_relu(x, weight, bias):
     x, weight, bias = autocast_cast(x.device.type, x, weight, bias)
     check_same("linear_relu", {"input": x, "weight": weight, "bias": bias})
     return x, weight, bias
+
+
+def check_fixed_hidden(x, weight, c) -> float:
+    """fixed_hidden: x [..., in], a frozen weight [in, out], c a Python float."""
+    op = "fixed_hidden"
+    check_matmul_operands(op, x, weight, 0, "[in_features, out_features]")
+    if weight.requires_grad:
+        raise ValueError(f"{op}: the weight is frozen and gets no gradient, but it requires "
+                         f"grad; pass weight.detach() (or use a Linear for a trainable weight)")
+    return check_python_float(op, "c", c)
+
+
+def check_fixed_hidden_mlp(x, weight, bias, rand_weight, c, reduce) -> float:
+    """fixed_hidden_mlp: x [..., d], weight [d, d], bias [d] or None, rand_weight [d, d]
+    (frozen), c a Python float, reduce None or 'sum'."""
+    op = "fixed_hidden_mlp"
+    for name, t in (("input", x), ("weight", weight), ("rand_weight", rand_weight)):
+        check_float(op, name, t)
+    if reduce not in (None, "sum"):
+        raise ValueError(f"{op}: reduce must be None or 'sum', got {reduce!r}")
+    if weight.dim() != 2 or weight.shape[0] != weight.shape[1]:
+        raise ValueError(f"{op}: weight must be square [d, d] (one Linear(d, d) is used "
+                         f"twice), got shape {tuple(weight.shape)}")
+    d = weight.shape[0]
+    if rand_weight.shape != (d, d):
+        raise ValueError(f"{op}: rand_weight must have shape ({d}, {d}) to match weight, "
+                         f"got {tuple(rand_weight.shape)}")
+    check_bias(op, bias, d)
+    if x.dim() == 0 or x.shape[-1] != d:
+        raise ValueError(f"{op}: input has shape {tuple(x.shape)}, but the layer expects "
+                         f"in_features={d} in the last dim")
+    if rand_weight.requires_grad:
+        raise ValueError(f"{op}: rand_weight is frozen (the seed creates it with "
+                         f"requires_grad=False); pass rand_weight.detach()")
+    return check_python_float(op, "c", c)
