@@ -113,7 +113,7 @@ class FixedMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, rand_weight, c, threshold, reduce_sum, fp32_mode):
         args = (x, weight, bias, rand_weight, c, threshold, reduce_sum, True, fp32_mode)
-        out, k, h2 = call(fwd_op, _kernel_fwd, *args)
+        out, k, h2 = call(fwd_op, _fwd, *args)
         _save(ctx, args, k, h2)
         ctx.mark_non_differentiable(k)
         return out, k

@@ -89,12 +89,14 @@ class LinearReLUFunction(torch.autograd.Function):
     forward takes ``ctx`` (no separate setup_context): torch binds arguments through
     ``inspect.signature`` on every call of a setup_context-style Function, which costs more
     than a small layer's whole forward. torch.func transforms never reach it: under them
-    :func:`fastlayers._backend.use_triton` sends the op to torch's own ops.
+    :func:`fastlayers._backend.use_triton` sends the op to torch's own ops. Its forward
+    asks the rule again (the op's implementation), so a direct call is right for any
+    dtype (the float64 gradchecks of the backward formulas call it so).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, fp32_mode):
-        out = call(fwd_op, kernels.linear_relu_fwd, x, weight, bias, fp32_mode)
+        out = call(fwd_op, _fwd, x, weight, bias, fp32_mode)
         _setup_context(ctx, (x, weight, bias, fp32_mode), out)
         return out
 
