@@ -117,6 +117,7 @@ def _same(a, b) -> bool:
 
 
 def _single_users(chain: Sequence[Node]) -> Optional[str]:
+    """Each node of ``chain`` but the last is used only by the next one."""
     for node, nxt in zip(chain, chain[1:]):
         others = [u.name for u in node.users if u is not nxt]
         if others or len(node.users) != 1:
@@ -278,7 +279,7 @@ def find_matches(graph: torch.fx.Graph, patterns=PATTERNS,
             continue
         checks = (lambda: None if m.pattern in patterns else "pattern not selected",
                   # the mean may have other users: it is then kept, only x - mean is fused
-                  lambda: _single_users(m.nodes[:-1] if m.pattern != "centered" else ()),
+                  lambda: _single_users(m.nodes if m.pattern != "centered" else ()),
                   lambda: _hook_problem(m.nodes, modules or {}),
                   lambda: _window_problem(nodes, index, m.nodes))
         for check in checks:
