@@ -180,23 +180,28 @@ def test_chimera_with_the_seeds_while_loop():
 
 def test_named_backend_with_inductor_trains_like_eager():
     """backend="fastlayers" resolves through the torch_dynamo_backends entry point and
-    hands the rewritten graph to Inductor: a few SGD steps match eager torch's."""
+    hands the rewritten graph to Inductor: SGD steps on batches of changing size
+    (dynamic=True) match eager torch's."""
     from fastlayers.compile_backend import fastlayers_backend
     fastlayers_backend.report.clear()
     torch.manual_seed(1)
     model = torchvision_mlp(13, [11, 7, 3])
     twin = copy.deepcopy(model)
-    compiled = torch.compile(model, backend="fastlayers", fullgraph=True)
+    compiled = torch.compile(model, backend="fastlayers", fullgraph=True, dynamic=True)
     opt, opt_twin = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, twin))
-    for step in range(3):
-        x, target = torch.randn(6, 13), torch.randn(6, 3)
+    for rows in (6, 9, 2):  # dynamic batch: one graph for every size
+        x, target = torch.randn(rows, 13), torch.randn(rows, 3)
         for m, o in ((compiled, opt), (twin, opt_twin)):
             o.zero_grad()
             F.mse_loss(m(x), target).backward()
             o.step()
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    assert fastlayers_backend.report.counts()["linear_relu"] == 2
+    report = fastlayers_backend.report
+    # Dynamo may hand over the first call twice (seen here: once with the float arguments
+    # as 0-d graph inputs, once specialized):
+    # each graph it hands over fuses both Linear+ReLU pairs.
+    assert report.graphs >= 1 and report.counts()["linear_relu"] == 2 * report.graphs
 
 
 def _graph_capture():
