@@ -13,8 +13,8 @@ from torch import nn
 
 from bench.harness import DEVICE, dtype_name
 
-VARIANTS = {"fastlayers": dict(backend="fastlayers"), "inductor": dict(),
-            "max-autotune": dict(mode="max-autotune")}
+VARIANTS = {"fastlayers": {"backend": "fastlayers"}, "inductor": {},
+            "max-autotune": {"mode": "max-autotune"}}
 # (batch, width, hidden layers): one wide GEMM chain, one narrow long one.
 GPU_SHAPES = [(8192, 4096, 2), (65536, 256, 4)]
 GPU_CASES = [(s, d, p, v) for s in GPU_SHAPES for d in (torch.bfloat16, torch.float32)

@@ -81,8 +81,9 @@ class FastlayersBackend:
     compiled (see :class:`~fastlayers.fusion.FusionReport`).
 
     patterns: pattern names to fuse (None: all of ``PATTERNS``). inner: 'inductor',
-    'aot_eager', 'eager' or a backend callable for the rewritten graph. inductor_options: Inductor config patches. rewrite: False only
-    reports (``explain``) and runs the graph unchanged.
+    'aot_eager', 'eager' or a backend callable for the rewritten graph.
+    inductor_options: Inductor config patches. rewrite: False only reports (``explain``)
+    and runs the graph unchanged.
     """
 
     def __init__(self, patterns: Optional[Iterable[str]] = None, inner: str = "inductor",

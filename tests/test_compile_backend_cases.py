@@ -59,12 +59,29 @@ def test_two_calls_of_one_linear_fuse_only_the_one_with_a_relu():
     assert report.counts()["linear_relu"] == 1 and not report.skipped
 
 
-@pytest.mark.parametrize("fn", [
-    lambda s, x: (lambda y: (F.relu(y), y))(s.fc(x)),            # pre-activation returned
-    lambda s, x: (lambda y: F.relu(y) + y.sum())(s.fc(x)),       # ... read elsewhere
-    lambda s, x: (lambda y: (y.sum(), F.relu(y, inplace=True)))(s.fc(x)),  # in-place ReLU
-    lambda s, x: (lambda y: (s.act(y), y * 2))(s.fc(x)),         # nn.ReLU module, shared y
-])
+def _returned(s, x):
+    y = s.fc(x)
+    return F.relu(y), y
+
+
+def _read_elsewhere(s, x):
+    y = s.fc(x)
+    return F.relu(y) + y.sum()
+
+
+def _in_place_relu_of_shared(s, x):
+    y = s.fc(x)
+    total = y.sum()
+    return total, F.relu(y, inplace=True)
+
+
+def _relu_module_of_shared(s, x):
+    y = s.fc(x)
+    return s.act(y), y * 2
+
+
+@pytest.mark.parametrize("fn", [_returned, _read_elsewhere, _in_place_relu_of_shared,
+                                _relu_module_of_shared])
 def test_pre_activation_with_another_user_is_not_fused(fn):
     report = compile_and_compare(Fn(fn), _x(3, 7))
     assert report.counts()["linear_relu"] == 0
@@ -72,8 +89,10 @@ def test_pre_activation_with_another_user_is_not_fused(fn):
 
 
 def test_relu_output_with_many_users_is_fused():
-    report = compile_and_compare(Fn(lambda s, x: (lambda h: (h, h * 3, h.sum()))(
-        F.relu(s.fc(x)))), _x(2, 3, 7))
+    def fn(s, x):
+        h = F.relu(s.fc(x))
+        return h, h * 3, h.sum()
+    report = compile_and_compare(Fn(fn), _x(2, 3, 7))
     assert report.counts()["linear_relu"] == 1
 
 

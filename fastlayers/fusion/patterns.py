@@ -275,16 +275,17 @@ def find_matches(graph: torch.fx.Graph, patterns=PATTERNS,
     matches = []
     for node in nodes:
         m = _match_relu(node) if _is(node, _RELU) else _match_sub(node) if _is(node, _SUB) else None
-        if m is None:
-            continue
-        checks = (lambda: None if m.pattern in patterns else "pattern not selected",
-                  # the mean may have other users: it is then kept, only x - mean is fused
-                  lambda: _single_users(m.nodes if m.pattern != "centered" else ()),
-                  lambda: _hook_problem(m.nodes, modules or {}),
-                  lambda: _window_problem(nodes, index, m.nodes))
-        for check in checks:
-            if m.reason is not None:
-                break
-            m.reason = check()
-        matches.append(m)
+        if m is not None:
+            if m.reason is None:
+                m.reason = _common_problem(m, patterns, modules or {}, nodes, index)
+            matches.append(m)
     return matches
+
+
+def _common_problem(m: Match, patterns, modules, nodes, index) -> Optional[str]:
+    if m.pattern not in patterns:
+        return "pattern not selected"
+    # the mean may have other users: it is then kept, only x - mean is fused
+    return (_single_users(m.nodes if m.pattern != "centered" else ())
+            or _hook_problem(m.nodes, modules)
+            or _window_problem(nodes, index, m.nodes))
