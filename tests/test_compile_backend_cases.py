@@ -145,6 +145,23 @@ def test_float64_is_left_to_torch():
     assert len(report.skipped) == 3 and all("float64" in r for r in report.reasons())
 
 
+def test_complex_centering_is_left_to_torch():
+    model = Fn(lambda s, x: x - x.mean(-1, keepdim=True))
+    report = compile_and_compare(model, _x(3, 7, dtype=torch.complex64), grad=False)
+    assert report.counts()["centered"] == 0
+    assert any("complex64" in r for r in report.reasons("centered"))
+
+
+def test_integer_matmul_relu_is_left_to_torch():
+    w = torch.randint(-3, 4, (7, 5))
+    model = Fn(lambda s, x: torch.relu(x @ w + 1))
+    x = torch.randint(-3, 4, (4, 7))
+    b = backend(inner="aot_eager")
+    assert torch.equal(torch.compile(model, backend=b, fullgraph=True)(x), model(x))
+    assert b.report.counts()["fixed_hidden"] == 0
+    assert any("int64" in r for r in b.report.reasons("fixed_hidden"))
+
+
 def test_type_promotion_in_bias_add_is_left_to_torch():
     bias64 = torch.randn(5, dtype=torch.float64)
     model = Fn(lambda s, x: torch.relu(x @ s.frozen + bias64))

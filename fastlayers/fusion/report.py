@@ -38,8 +38,8 @@ class Skip(Fusion):
 def _location(match: Match):
     trace = match.nodes[-1].meta.get("stack_trace") or ""
     frames = _FRAME.findall(trace)
-    if not frames:
-        return "<unknown>", ""
+    if not frames:  # e.g. a bare nn.Sequential: no frame of user code, see `modules`
+        return "<no user source line>", ""
     path, line, _func, code = frames[-1]
     return f"{path}:{line}", code.strip()
 
