@@ -201,6 +201,40 @@ def test_in_place_op_between_mean_and_subtract_is_not_fused():
     assert any("in-place" in r for r in report.reasons("centered"))
 
 
+def _linear_under_autocast(s, x):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = s.fc(x)
+    return F.relu(y)
+
+
+def _linear_under_no_grad(s, x):
+    with torch.no_grad():
+        y = s.fc(x)
+    return F.relu(y), torch.relu(x @ s.frozen + 1)
+
+
+def _relu_under_no_grad(s, x):
+    y = s.fc(x)
+    with torch.no_grad():
+        return F.relu(y)
+
+
+@pytest.mark.parametrize("fn", [_linear_under_autocast, _linear_under_no_grad,
+                                _relu_under_no_grad])
+def test_grad_mode_or_autocast_switch_inside_the_pattern_is_not_fused(fn):
+    """The fused op would run under the last op's settings: other dtype, other grad."""
+    model = Fn(fn)
+    b = backend(inner="aot_eager")
+    x = _x(3, 7, dtype=torch.float32).requires_grad_(True)
+    got, want = torch.compile(model, backend=b, fullgraph=True)(x), model(x)
+    for g, w in zip(got if isinstance(got, tuple) else (got,),
+                    want if isinstance(want, tuple) else (want,)):
+        assert g.dtype == w.dtype and g.requires_grad == w.requires_grad
+        torch.testing.assert_close(g, w)
+    assert b.report.counts()["linear_relu"] == 0
+    assert any("grad mode, autocast" in r for r in b.report.reasons("linear_relu"))
+
+
 def test_matmul_forms_of_linear_relu():
     model = Fn(lambda s, x: (torch.relu(torch.addmm(s.fc.bias, x, s.fc.weight.t())),
                              F.relu(s.fc.bias + x @ s.fc.weight.T),

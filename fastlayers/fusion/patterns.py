@@ -42,6 +42,7 @@ _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itru
                       operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul,
                       operator.iand, operator.ior, operator.ixor, operator.ilshift,
                       operator.irshift, operator.setitem}
+_STATE_NAMES = ("grad", "autocast", "inference_mode", "_enter", "_exit", "_set_", "hook")
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
                "_backward_pre_hooks")
 _GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks",
@@ -157,12 +158,27 @@ def _hook_problem(nodes: Sequence[Node], modules: Dict[str, torch.nn.Module]) ->
     return None
 
 
+def _changes_state(node: Node) -> bool:
+    """A grad-mode/autocast switch or any call without a recorded value (side effects):
+    the fused op, placed at the pattern's last node, would run under other settings."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return any(k in name for k in _STATE_NAMES) or node.meta.get("example_value") is None
+
+
 def _window_problem(graph_nodes: List[Node], index: Dict[Node, int],
                     nodes: Sequence[Node]) -> Optional[str]:
+    """The fused op runs where the pattern's last node ran: nothing in between may mutate
+    a tensor or change grad mode, autocast or other global state."""
     lo, hi = index[nodes[0]], index[nodes[-1]]
     for n in graph_nodes[lo + 1:hi]:
-        if n not in nodes and _mutates(n):
+        if n in nodes:
+            continue
+        if _mutates(n):
             return f"in-place op `{n.name}` runs between the pattern's ops"
+        if _changes_state(n):
+            return f"`{n.name}` (grad mode, autocast or another side effect) runs in between"
     return None
 
 
