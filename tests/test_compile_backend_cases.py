@@ -86,6 +86,7 @@ def test_pre_activation_with_another_user_is_not_fused(fn):
     report = compile_and_compare(Fn(fn), _x(3, 7))
     assert report.counts()["linear_relu"] == 0
     assert report.skipped and all("other users" in r for r in report.reasons("linear_relu"))
+    assert "left alone: `" in str(report)
 
 
 def test_relu_output_with_many_users_is_fused():
