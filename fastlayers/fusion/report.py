@@ -35,12 +35,20 @@ class Skip(Fusion):
         return f"{super().__str__()}\n{'':<14}left alone: {self.reason}"
 
 
+def _frame(node):
+    frames = _FRAME.findall(node.meta.get("stack_trace") or "")
+    return frames[-1] if frames else None
+
+
 def _location(match: Match):
-    trace = match.nodes[-1].meta.get("stack_trace") or ""
-    frames = _FRAME.findall(trace)
-    if not frames:  # e.g. a bare nn.Sequential: no frame of user code, see `modules`
+    """('file:line', code) of the pattern's last op; 'file:first-last' when its first op
+    is on an earlier line of the same file."""
+    last, first = _frame(match.nodes[-1]), _frame(match.nodes[0])
+    if last is None:  # e.g. a bare nn.Sequential: no frame of user code, see `modules`
         return "<no user source line>", ""
-    path, line, _func, code = frames[-1]
+    path, line, _func, code = last
+    if first is not None and first[0] == path and int(first[1]) < int(line):
+        line = f"{first[1]}-{line}"
     return f"{path}:{line}", code.strip()
 
 
