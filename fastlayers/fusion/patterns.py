@@ -16,8 +16,8 @@ to the user, or says why it is left alone. The conditions, for every pattern:
   users in the graph), and no global module hooks.
 """
 import operator
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.fx import Node
@@ -52,14 +52,14 @@ _GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks",
 @dataclass
 class Match:
     """One candidate. nodes: the pattern's nodes in graph order, the last one's value is the
-    result; fn/args: the fused call that replaces it (Nodes or constants); reason: None when
-    it is fused, else why it is left alone."""
+    result; fn/args: the name of the fused call in ``rewrite.FUSED`` that replaces it and
+    its arguments (Nodes or constants); reason: None when it is fused, else why it is left
+    alone."""
     pattern: str
     nodes: Tuple[Node, ...]
-    fn: Optional[Callable] = None
+    fn: Optional[str] = None
     args: Tuple[Any, ...] = ()
     reason: Optional[str] = None
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 def _is(node, ops) -> bool:
