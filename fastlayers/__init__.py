@@ -11,6 +11,7 @@ from .layers import FixedHiddenMatmul, FixedHiddenMLP, MySequential, NestMLP  # 
 from . import device, init, io, params, settings  # noqa: F401  (helpers, as attributes)
 from .convert import SkippedFusionWarning, fuse, unfuse  # noqa: F401
 from .layers import CenteredLayer  # noqa: F401
+from .compile_backend import explain  # noqa: F401  (torch.compile(m, backend="fastlayers"))
 
 __version__ = "0.1.0"
 
