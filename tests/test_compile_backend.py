@@ -12,7 +12,7 @@ from torch.nn import functional as F
 import fastlayers
 from fastlayers.compile_backend import backend
 
-from conftest import requires_triton
+from conftest import KERNEL_DEVICE, requires_triton
 
 
 @pytest.fixture(autouse=True)
@@ -220,11 +220,15 @@ def _targets(gm):
     return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
 
 
+@requires_triton
 def test_compiled_graphs_call_the_custom_ops_forward_and_backward():
+    """On the kernel path (a GPU, or the interpreter here) the fused pair is the custom op,
+    forward and backward; on the torch path it is torch's own ops, which Inductor fuses."""
     graphs, inner = _graph_capture()
-    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
-    x = torch.randn(4, 5, requires_grad=True)
-    out = torch.compile(model, backend=backend(inner=inner))(x)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).to(KERNEL_DEVICE)
+    x = torch.randn(4, 5, requires_grad=True, device=KERNEL_DEVICE)
+    with fastlayers.use_backend("triton"):
+        out = torch.compile(model, backend=backend(inner=inner))(x)
     out.sum().backward()
     fwd, bwd = (_targets(g) for g in graphs)
     assert "fastlayers.linear_relu_fwd.default" in fwd
@@ -234,17 +238,19 @@ def test_compiled_graphs_call_the_custom_ops_forward_and_backward():
 
 
 @pytest.mark.parametrize("precision, mode", [("highest", "ieee"), ("high", "tf32")])
+@requires_triton
 def test_fp32_precision_switch_reaches_the_fused_op(precision, mode):
     """The matmul precision in force when compiling is the one the op gets, and changing
-    it recompiles (Dynamo guards on it), as for torch's own matmuls."""
+    it recompiles (Dynamo guards on it), as for torch's own matmuls (kernel path)."""
     graphs, inner = _graph_capture()
-    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU())
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU()).to(KERNEL_DEVICE)
     before = torch.get_float32_matmul_precision()
     compiled = torch.compile(model, backend=backend(inner=inner))
     try:
-        compiled(torch.randn(3, 5))  # compiled at the default ('highest')
-        torch.set_float32_matmul_precision(precision)
-        compiled(torch.randn(3, 5))
+        with fastlayers.use_backend("triton"):
+            compiled(torch.randn(3, 5, device=KERNEL_DEVICE))  # at the default ('highest')
+            torch.set_float32_matmul_precision(precision)
+            compiled(torch.randn(3, 5, device=KERNEL_DEVICE))
     finally:
         torch.set_float32_matmul_precision(before)
     modes = [n.args[3] for g in graphs for n in g.graph.nodes
