@@ -8,13 +8,22 @@ import triton
 import triton.language as tl
 
 
-@functools.lru_cache(maxsize=None)
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+def _interpret_switch() -> bool:
     knobs = getattr(triton, "knobs", None)
     if knobs is not None and hasattr(knobs, "runtime"):
         return bool(knobs.runtime.interpret)
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Read once, when this package is imported: @triton.jit chooses the interpreter when the
+# kernels are defined, so a TRITON_INTERPRET set later does not apply to them.
+_INTERPRETING = _interpret_switch()
+
+
+def interpreting() -> bool:
+    """True when this package's kernels run in Triton's CPU interpreter
+    (``TRITON_INTERPRET=1`` when they were defined)."""
+    return _INTERPRETING
 
 
 # Switches handed over by fastlayers.settings (parsed once from FASTLAYERS_AUTOTUNE /

@@ -144,3 +144,18 @@ def test_readme_table_is_the_settings_module():
         p.read_text() for p in (README.parent / "fastlayers").rglob("*.py")
         if p.name != "settings.py" and p.name != "_backend.py"), \
         "a FASTLAYERS_* switch is read outside fastlayers/settings.py"
+
+
+def test_triton_interpret_set_after_import_in_a_fresh_process():
+    """The real sequence: import, then set TRITON_INTERPRET=1, then ask for the kernels."""
+    if _backend.TRITON_ERROR is not None:
+        pytest.skip(f"triton is not installed here ({_backend.TRITON_ERROR})")
+    code = ("import os, torch, fastlayers\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "with fastlayers.use_backend('triton'):\n"
+            "    fastlayers.functional.centered(torch.randn(3))\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode != 0
+    assert "TRITON_INTERPRET=1 was set after triton was imported" in out.stderr, out.stderr
