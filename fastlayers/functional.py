@@ -7,7 +7,7 @@ kernels or the torch reference (see ``fastlayers.backend_info()``).
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import reference
+from . import onnx_export, reference
 from ._backend import fp32_matmul_mode, use_triton
 from ._validate import autocast_dtype, check_float, check_matmul_operands, check_same
 from .ops import centered as _centered
@@ -44,7 +44,8 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
     if (weight.device != x.device or weight.dtype != x.dtype or (bias is not None and (
             bias.device != x.device or bias.dtype != x.dtype))):  # cheap test, then the message
         check_same(op, {"input": x, "weight": weight, "bias": bias})
-
+    if onnx_export.exporting():  # torch.onnx.export: standard ONNX ops, not the custom op
+        return onnx_export.linear_relu(x, weight, bias)
     if eager() and not use_triton(x):
         return reference.linear_relu(x, weight, bias)  # torch's own autograd, no wrapper cost
     y = _lr.linear_relu(x.reshape(-1, x.shape[-1]), weight, bias, fp32_matmul_mode())
@@ -65,6 +66,8 @@ def centered(x: Tensor, dim=None) -> Tensor:
     op = "centered"
     check_float(op, "input", x)
     dims = _centered.normalize_dims(op, x.dim(), dim)
+    if onnx_export.exporting():
+        return onnx_export.centered(x, dims)
     if eager() and not use_triton(x):
         return reference.centered(x, dims)  # torch's own autograd, no wrapper cost
     return _centered.centered(x, dims)
@@ -81,6 +84,8 @@ def fixed_hidden(x: Tensor, weight: Tensor, c: float = 1.0) -> Tensor:
     """
     if has_torch_function_variadic(x, weight):
         return handle_torch_function(fixed_hidden, (x, weight), x, weight, c)
+    if onnx_export.exporting():
+        return onnx_export.fixed_hidden(x, weight, c)
     return _fh.fixed_hidden_checked(x, weight, c)
 
 
@@ -104,6 +109,8 @@ def halve_until(x: Tensor, threshold: float = 1.0, return_count: bool = False):
     """
     if has_torch_function_variadic(x):
         return handle_torch_function(halve_until, (x,), x, threshold, return_count)
+    if onnx_export.exporting():
+        return onnx_export.halve_until(x, threshold, return_count)
     return _hu.halve_until(x, threshold, return_count)
 
 
@@ -123,5 +130,8 @@ def fixed_hidden_mlp(x: Tensor, weight: Tensor, bias: Tensor, rand_weight: Tenso
         return handle_torch_function(fixed_hidden_mlp, (x, weight, bias, rand_weight), x,
                                      weight, bias, rand_weight, c, threshold, reduce,
                                      return_count)
+    if onnx_export.exporting():
+        return onnx_export.fixed_hidden_mlp(x, weight, bias, rand_weight, c, threshold, reduce,
+                                            return_count)
     return _fmlp.fixed_hidden_mlp(x, weight, bias, rand_weight, c, threshold, reduce,
                                   return_count)
