@@ -31,7 +31,12 @@ def exporting() -> bool:
     sets ``_flags._is_onnx_exporting`` around its whole run, torch.export included) or
     ``dynamo=False`` (TorchScript tracer: ``GLOBALS.in_onnx_export``). This is what
     ``torch.onnx.is_in_onnx_export()`` answers, read without importing torch.onnx (an
-    exporter that is running has imported its module; ~0.2 us instead of ~7 us a call)."""
+    exporter that is running has imported its module; ~0.2 us instead of ~7 us a call).
+    While torch.compile or torch.export traces, torch's own function is called: Dynamo folds
+    it to False (it cannot trace the flag modules), and a non-strict export running inside
+    the ONNX exporter reads it for real."""
+    if torch.compiler.is_compiling():
+        return torch.onnx.is_in_onnx_export()
     flags = sys.modules.get(_FLAGS)
     if flags is not None and getattr(flags, "_is_onnx_exporting", False):
         return True
