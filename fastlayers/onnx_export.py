@@ -12,6 +12,7 @@ Sub, ReduceSum, ...) that any ONNX runtime runs.
   the exported count depends on the input instead of being baked in as a constant).
 """
 import math
+import struct
 import sys
 from typing import Tuple
 
@@ -32,14 +33,15 @@ def exporting() -> bool:
     ``dynamo=False`` (TorchScript tracer: ``GLOBALS.in_onnx_export``). This is what
     ``torch.onnx.is_in_onnx_export()`` answers, read without importing torch.onnx (an
     exporter that is running has imported its module; ~0.2 us instead of ~7 us a call).
-    While torch.compile or torch.export traces, torch's own function is called: Dynamo folds
-    it to False (it cannot trace the flag modules), and a non-strict export running inside
-    the ONNX exporter reads it for real."""
-    if torch.compiler.is_compiling():
-        return torch.onnx.is_in_onnx_export()
+    Under Dynamo (torch.compile, and the dynamo exporter's strict capture strategy) only
+    the first flag is read: Dynamo traces that module-global read (and guards on it), while
+    torch's own function is folded to False and GLOBALS is an untraceable property; the
+    TorchScript exporter never runs under Dynamo."""
     flags = sys.modules.get(_FLAGS)
     if flags is not None and getattr(flags, "_is_onnx_exporting", False):
         return True
+    if torch.compiler.is_compiling():
+        return False
     for name in _GLOBALS:
         module = sys.modules.get(name)
         if module is not None:
@@ -49,11 +51,23 @@ def exporting() -> bool:
 
 def _threshold_in(dtype: torch.dtype, threshold: float) -> float:
     """The threshold as ``tensor > threshold`` sees it: rounded to ``dtype`` (through fp32
-    for 16-bit dtypes, as torch converts a Python scalar)."""
-    if dtype == torch.float64:
-        return float(threshold)
-    t = torch.tensor(float(threshold), dtype=torch.float32)
-    return float(t.to(dtype)) if dtype in (torch.float16, torch.bfloat16) else float(t)
+    for 16-bit dtypes, as torch converts a Python scalar). Python arithmetic only, so the
+    TorchScript tracer records no tensor-to-float conversion."""
+    v = float(threshold)
+    if dtype == torch.float64 or not math.isfinite(v):
+        return v
+    try:
+        v = struct.unpack("<f", struct.pack("<f", v))[0]
+    except OverflowError:
+        return math.copysign(math.inf, v)
+    if dtype == torch.bfloat16:  # round the fp32 bits to the top 16, ties to even
+        b = struct.unpack("<I", struct.pack("<f", v))[0]
+        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+        v = struct.unpack("<f", struct.pack("<I", b & 0xFFFFFFFF))[0]
+    elif dtype == torch.float16:
+        v = struct.unpack("<e", struct.pack("<e", v))[0] if abs(v) < 65520.0 else \
+            math.copysign(math.inf, v)
+    return v
 
 
 def _halvings(s: Tensor, t: float) -> Tensor:
@@ -89,20 +103,22 @@ def halve_until_for_export(x: Tensor, threshold: float = 1.0) -> Tuple[Tensor, T
     """
     t = _threshold_in(x.dtype, threshold)
     a = x.abs()
-    s0 = a.sum().double()
-    s1 = (a * 2.0 ** -64).sum().double()
+    # shape [1], not 0-dim: the TorchScript exporter demotes 0-dim float64 math to float32
+    s0 = a.sum().double().reshape(1)
+    s1 = (a * 2.0 ** -64).sum().double().reshape(1)
     finite0, finite1 = torch.isfinite(s0), torch.isfinite(s1)
-    one = torch.ones((), dtype=torch.float64, device=x.device)
+    one = torch.ones(1, dtype=torch.float64, device=x.device)
     k_sum = _halvings(torch.where(finite0, s0, one), t)
     k_big = torch.clamp(_halvings(torch.where(finite1, s1, one), t) + 64.0, min=0.0)
-    k = torch.where(finite0, k_sum, torch.where(finite1, k_big, float(K_FOREVER)))
+    forever = torch.full((1,), K_FOREVER, dtype=torch.float64, device=x.device)
+    k = torch.where(finite0, k_sum, torch.where(finite1, k_big, forever))
     k = torch.where(s0 > t, k, torch.zeros_like(k))  # also k = 0 for a NaN sum
     # 2**-k as a product of two float64 powers (each >= 2**-1022, so exact; 0 for K_FOREVER)
     k1 = torch.clamp(k, max=1022.0)
     scale = torch.pow(2.0, -k1) * torch.pow(2.0, -torch.clamp(k - k1, max=1022.0))
     y = (x.double() * scale).to(x.dtype)
     y = torch.where(torch.isinf(x), x, y)
-    return y, k.to(torch.int64)
+    return y, k.to(torch.int64).clamp(max=K_FOREVER).reshape(())
 
 
 # ------------------------------------------------ export-time bodies of fastlayers.functional
