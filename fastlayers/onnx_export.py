@@ -37,11 +37,15 @@ def exporting() -> bool:
     the first flag is read: Dynamo traces that module-global read (and guards on it), while
     torch's own function is folded to False and GLOBALS is an untraceable property; the
     TorchScript exporter never runs under Dynamo."""
+    if torch.compiler.is_compiling():  # (sys.modules.get would guard on len(sys.modules))
+        try:
+            from torch.onnx._internal.exporter import _flags
+        except ImportError:  # an older torch
+            return False
+        return bool(_flags._is_onnx_exporting)
     flags = sys.modules.get(_FLAGS)
     if flags is not None and getattr(flags, "_is_onnx_exporting", False):
         return True
-    if torch.compiler.is_compiling():
-        return False
     for name in _GLOBALS:
         module = sys.modules.get(name)
         if module is not None:
