@@ -37,6 +37,24 @@ def _mlp_like(sizes=(11, 16, 8, 3)):
     return fastlayers.fuse(nn.Sequential(*layers)).eval()
 
 
+def _vgg_like():
+    """VGG/AlexNet layout (conv features, Linear/ReLU/Dropout classifier), fuse()d."""
+    features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Flatten())
+    classifier = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Dropout(),
+                               nn.Linear(16, 12), nn.ReLU(), nn.Dropout(), nn.Linear(12, 5))
+    fused = fastlayers.fuse(nn.Sequential(features, classifier)).eval()
+    assert isinstance(fused[1][0], fastlayers.LinearReLU)
+    return fused
+
+
+def _lazy():
+    m = fastlayers.LazyLinearReLU(6)
+    m(torch.randn(2, 9))  # materialise: becomes a LinearReLU
+    return m
+
+
 MODULES = {  # name -> (factory, input shape (batch first), op types the graph must hold)
     "LinearReLU": (lambda: fastlayers.LinearReLU(9, 7), (5, 9), {"Gemm", "Relu"}),
     "MyLinear": (lambda: fastlayers.MyLinear(9, 5), (5, 9), {"Relu"}),
@@ -55,6 +73,8 @@ MODULES = {  # name -> (factory, input shape (batch first), op types the graph m
         {"Gemm", "Relu", "ReduceMean", "Sub"}),
     "fuse(MLP)": (_mlp_like, (6, 11), {"Gemm", "Relu"}),
     "fuse(NestMLP)": (lambda: fastlayers.fuse(_seed.NestMLPEager()), (2, 20), {"Gemm", "Relu"}),
+    "fuse(VGG)": (_vgg_like, (2, 3, 8, 8), {"Conv", "MaxPool", "Gemm", "Relu"}),
+    "LazyLinearReLU": (_lazy, (3, 9), {"Gemm", "Relu"}),
 }
 
 
