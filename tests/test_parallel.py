@@ -78,7 +78,7 @@ def _worker(rank, init_file, out_dir):
 def test_tensor_parallel_matches_single_process(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD,
              join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for backend in BACKENDS:
         with fastlayers.use_backend(backend):
             cases = _models()
