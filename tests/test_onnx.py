@@ -273,3 +273,14 @@ def test_float16_halving_is_refused(tmp_path, dynamo):
     with pytest.raises(Exception, match="float16"):
         torch.onnx.export(mlp, (torch.randn(2, 8, dtype=torch.float16),),
                           tmp_path / "m.onnx", dynamo=dynamo)
+
+
+@pytest.mark.parametrize("threshold, error", [(-1.0, ValueError), (float("nan"), ValueError),
+                                              (1e-40, ValueError), (torch.tensor(1.0), TypeError)])
+def test_export_time_halving_checks_the_threshold(threshold, error):
+    x = torch.randn(5)
+    with pytest.raises(error, match="threshold"):
+        onnx_export.halve_until(x, threshold)
+    with pytest.raises(error, match="threshold"):
+        onnx_export.fixed_hidden_mlp(x.reshape(1, 5), torch.randn(5, 5), None,
+                                     torch.rand(5, 5), 1.0, threshold)
