@@ -5,6 +5,7 @@
     fastlayers.backend_info()                # which path each device takes, and why
 """
 from . import functional, ops  # noqa: F401  (ops: registers the custom ops)
+from . import flops  # noqa: F401  (FLOP formulas of the custom ops for FlopCounterMode)
 from ._backend import backend_info, get_backend, set_backend, use_backend  # noqa: F401
 from .layers import LazyLinearReLU, LinearReLU, MyLinear  # noqa: F401
 from .layers import FixedHiddenMatmul, FixedHiddenMLP, MySequential, NestMLP  # noqa: F401

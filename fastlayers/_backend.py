@@ -10,8 +10,8 @@ The backend (``FASTLAYERS_BACKEND``, parsed once by :mod:`fastlayers.settings`):
 :func:`use_triton` is the one rule every op asks, once per call. Whatever the backend, torch
 runs: dtypes the kernels do not support (float64, complex, ...), meta tensors (shapes only),
 calls under ``torch.func`` transforms and forward-mode AD (functorch needs batching and jvp
-rules the kernels do not have; torch's own ops have them), and ONNX export (so the exported
-graph holds standard ONNX operators).
+rules the kernels do not have; torch's own ops have them). ONNX export never reaches this
+rule: the functional forms hand it plain-torch bodies (:mod:`fastlayers.onnx_export`).
 
 :func:`set_backend` changes the process default; :func:`use_backend` overrides it for the
 enclosed code in the current thread / asyncio task only (a ``contextvars`` variable).
@@ -102,11 +102,11 @@ def _device_choice(device_type: str, backend: str = None):
 
 
 def _torch_only_context() -> bool:
-    """True under torch.func transforms, forward-mode AD or ONNX export (see module doc)."""
+    """True under torch.func transforms or forward-mode AD (see module doc)."""
     if torch.compiler.is_compiling():
         return False
     return (torch._C._functorch.peek_interpreter_stack() is not None
-            or _fwd_ad._current_level >= 0 or torch.onnx.is_in_onnx_export())
+            or _fwd_ad._current_level >= 0)
 
 
 def use_triton(t: torch.Tensor) -> bool:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import _validate
+from . import _validate, onnx_export
 from ._validate import autocast_cast, check_same_place
 from .ops import centered as _centered
 from .ops import fixed_hidden as _fh
@@ -36,6 +36,8 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
             and (bias is None or bias.device == x.device)
             and not torch._C._is_any_autocast_enabled()):  # the common case costs ~1 us
         x, weight, bias = _validate.prepare_linear_relu(x, weight, bias)
+    if onnx_export.exporting():  # torch.onnx.export: standard ONNX ops, not the custom op
+        return onnx_export.linear_relu(x, weight, bias)
     return _lr.linear_relu(x, weight, bias)
 
 
@@ -51,7 +53,10 @@ def centered(x: Tensor, dim=None) -> Tensor:
     if has_torch_function_variadic(x):
         return handle_torch_function(centered, (x,), x, dim)
     _validate.check_float("centered", "input", x)
-    return _centered.centered(x, _centered.normalize_dims("centered", x.dim(), dim))
+    dims = _centered.normalize_dims("centered", x.dim(), dim)
+    if onnx_export.exporting():
+        return onnx_export.centered(x, dims)
+    return _centered.centered(x, dims)
 
 
 # ---------------------------------------------------------------- fixed-hidden matmul, halving, MLP
@@ -69,6 +74,8 @@ def fixed_hidden(x: Tensor, weight: Tensor, c: float = 1.0) -> Tensor:
     if torch._C._is_any_autocast_enabled():
         x, weight = autocast_cast(x.device.type, x, weight)
     check_same_place("fixed_hidden", {"input": x, "weight": weight})
+    if onnx_export.exporting():
+        return onnx_export.fixed_hidden(x, weight, c)
     return _fh.fixed_hidden(x, weight, c)
 
 
@@ -92,6 +99,8 @@ def halve_until(x: Tensor, threshold: float = 1.0, return_count: bool = False):
     """
     if has_torch_function_variadic(x):
         return handle_torch_function(halve_until, (x,), x, threshold, return_count)
+    if onnx_export.exporting():
+        return onnx_export.halve_until(x, threshold, return_count)
     return _hu.halve_until(x, threshold, return_count)
 
 
@@ -118,6 +127,9 @@ def fixed_hidden_mlp(x: Tensor, weight: Tensor, bias: Tensor, rand_weight: Tenso
                                                      rand_weight)
     check_same_place(op, {"input": x, "weight": weight, "bias": bias, "rand_weight": rand_weight})
     threshold = _hu.validate_threshold(op, x.dtype, threshold)
+    if onnx_export.exporting():
+        return onnx_export.fixed_hidden_mlp(x, weight, bias, rand_weight, c, threshold, reduce,
+                                            return_count)
     out, k = _fmlp.fixed_hidden_mlp(x, weight, bias, rand_weight, c, threshold,
                                     reduce == "sum")
     _hu.raise_if_forever(op, k)
