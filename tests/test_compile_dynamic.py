@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import fastlayers
-from fastlayers import _seed
+from fastlayers.tour import seed as _seed
 
 
 def _lazy():

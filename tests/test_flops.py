@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import fastlayers
-from fastlayers import _seed
+from fastlayers.tour import seed as _seed
 
 
 def _count(fn, backward=True):

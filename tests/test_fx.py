@@ -7,7 +7,7 @@ import torch.fx
 from torch import nn
 
 import fastlayers
-from fastlayers import _seed
+from fastlayers.tour import seed as _seed
 
 
 def _modules():

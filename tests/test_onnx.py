@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import fastlayers
-from fastlayers import _seed, onnx_export
+from fastlayers import onnx_export
+from fastlayers.tour import seed as _seed
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
