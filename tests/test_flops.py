@@ -36,7 +36,8 @@ def test_linear_relu_counts_like_linear_plus_relu(backend, shape, requires_grad)
     got, per_op = _count(lambda: fused.to(backend)(x))
     want, _ = _count(lambda: plain.to(backend)(x))
     assert got == want == 2 * m * 64 * 32 * (3 if requires_grad else 2)
-    assert per_op["fastlayers.linear_relu_fwd"] == 2 * m * 64 * 32  # counted as our op
+    if fastlayers.get_backend() == "triton":  # the kernel path: counted as our op
+        assert per_op["fastlayers.linear_relu_fwd"] == 2 * m * 64 * 32
     if shape == (16, 64) and requires_grad:
         assert got == 196608  # 16x64->32 forward + grad_x + grad_W
 
@@ -63,7 +64,8 @@ def test_fixed_hidden_counts_like_mm_plus_relu(backend):
     got, per_op = _count(lambda: fused(x))
     want, _ = _count(lambda: F.relu(torch.mm(x, fused.weight) + 1))
     assert got == want == 2 * 2 * 6 * 10 * 7  # forward + grad_x (the weight is frozen)
-    assert per_op["fastlayers.fixed_hidden_bwd_input"] == 2 * 6 * 10 * 7
+    if fastlayers.get_backend() == "triton":  # the kernel path: counted as our op
+        assert per_op["fastlayers.fixed_hidden_bwd_input"] == 2 * 6 * 10 * 7
 
 
 @pytest.mark.parametrize("reduce", [None, "sum"])
@@ -74,7 +76,8 @@ def test_fixed_hidden_mlp_counts_like_the_seed(backend, reduce):
     got, per_op = _count(lambda: fused.to(backend)(x.to(backend)))
     want, _ = _count(lambda: seed(x))
     assert got == want == (3 + 5) * 2 * 3 * 20 * 20
-    assert set(per_op) == {"fastlayers.fixed_mlp_fwd", "fastlayers.fixed_mlp_bwd"}
+    if fastlayers.get_backend() == "triton":  # the kernel path: counted as our ops
+        assert set(per_op) == {"fastlayers.fixed_mlp_fwd", "fastlayers.fixed_mlp_bwd"}
 
 
 def test_nest_mlp_counts_like_the_seed(backend):
