@@ -26,11 +26,14 @@ def ptxas_facts(log: str) -> dict:
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     warnings = sorted(set(re.findall(r"\((C\d{4})\)", log)))
+    why = re.search(r"C7515\)[^\n]*?serialized (due to [^\n]*?)(?: in the function|\.?$)", log,
+                    re.MULTILINE)
     return dict(regs=int(regs.group(1)) if regs else None,
                 spill_stores=int(spill.group(1)) if spill else 0,
                 spill_loads=int(spill.group(2)) if spill else 0,
                 warnings=warnings,
-                serialized=C7515 in log)
+                serialized=C7515 in log,
+                serialized_why=why.group(1) if why else "")
 
 
 def mma_kind(ptx: str) -> str:

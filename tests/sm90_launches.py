@@ -96,10 +96,13 @@ def intercept(fn, backend, knobs):
 
 def gemm_launches(kernels, full):
     """linear_relu fwd / bwd_input / bwd_params: fp32 (3xTF32) and bf16 at every shape,
-    fp32-tf32 and fp16 at the headline shape (every shape with ``full``); fixed_hidden
-    fwd / bwd_input at the headline shape in each precision."""
+    fp32-tf32 at the headline shape; fixed_hidden fwd / bwd_input at the headline shape in
+    fp32 and bf16. ``full``: also fp16, and tf32/fp16 at every shape."""
     lr, fh = kernels.linear_relu, kernels.fixed_hidden
+    kernels.gemm.sm_count = lambda *_: SMS  # split-K sized for an H100/H200
     for prec, dtype, mode in PRECISIONS:
+        if prec == "fp16" and not full:
+            continue
         shapes = GEMM_SHAPES if full or prec in ("fp32-ieee", "bf16") else GEMM_SHAPES[:1]
         for M, N, K in shapes:
             x, w, b, y, dy = (torch.empty(s, dtype=dtype) for s in
@@ -111,6 +114,8 @@ def gemm_launches(kernels, full):
                 lr.linear_relu_bwd_input(dy, y, w, mode)
             with case(f"linear_relu_bwd_params {tag}"):
                 lr.linear_relu_bwd_params(dy, y, x, mode)
+        if prec not in ("fp32-ieee", "bf16") and not full:
+            continue
         M, N, K = GEMM_SHAPES[0]
         x, wf, y, dy = (torch.empty(s, dtype=dtype) for s in [(M, K), (K, N), (M, N), (M, N)])
         tag = f"{prec} M={M} N={N} K={K}"
@@ -172,6 +177,7 @@ def centered_launches(kernels, full):
     c._barrier_state = lambda device: bar  # cached per device and stream on a GPU
     for name, dtype in _dtypes(full):
         e = lambda *s: torch.empty(*s, dtype=dtype)  # noqa: E731
+        segments = full or dtype == torch.float32  # bf16 segments: same code, only --full
         limit = c.GPU_CONFIG["persistent_max_bytes"] // e(0).element_size()
         for n in (1000, 1 << 16, 1_000_003, 1 << 22, limit):
             if n <= limit:
@@ -182,6 +188,8 @@ def centered_launches(kernels, full):
                 c.centered(e(n), path="split")
         with case(f"centered {name} [4, 1<<20] dims=(1,) split"):
             c.centered(e(4, 1 << 20), (1,), path="split")
+        if not segments:
+            continue
         for shape, dims in (((1000,), ()), ((1024, 64), (1,)), ((64, 8192), (1,)),
                             ((1024, 64), (0,)), ((100, 1000), (1,)), ((8, 512, 33), (1,)),
                             ((32, 3, 224, 224), (0, 2, 3))):
