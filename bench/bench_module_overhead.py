@@ -2,8 +2,8 @@
 ratios: LinearReLU vs nn.Linear + nn.ReLU, CenteredLayer vs ``x - x.mean()``, at a tiny
 and a medium size, with and without grad. Issue 10's goal: every ratio <= 1.0.
 
-Each round times ``inner`` calls of ours, then ``inner`` calls of torch's (the order
-alternates between rounds), and takes their ratio; the figure is the median over rounds,
+Each round alternates ~1 ms chunks of calls of ours and of torch's (which side starts
+alternates between rounds) and takes the ratio of the two sums; the figure is the median over rounds,
 so load on a shared machine hits both sides of a pair alike. One intra-op thread
 (see :func:`one_thread`). The ratios (median, min,
 max, every round) go to the benchmark JSON's ``extra_info``; the benchmark's own timing is
@@ -21,7 +21,8 @@ import torch
 import fastlayers
 
 ROUNDS = 21
-ROUND_S = 0.01  # per side per round
+ROUND_S = 0.04  # both sides, per round
+CHUNK_S = 0.001  # one side's calls between switches
 
 
 @contextlib.contextmanager
@@ -44,28 +45,33 @@ def _time(fn, inner):
     return (time.perf_counter() - t0) / inner
 
 
-def paired_ratio(ours, theirs, rounds=ROUNDS, round_s=ROUND_S):
+def paired_ratio(ours, theirs, rounds=ROUNDS, round_s=ROUND_S, chunk_s=CHUNK_S):
     """Median over ``rounds`` of (time per call of ours) / (theirs), interleaved; also
-    both per-call medians in microseconds. Both callables are warmed up first."""
+    both per-call medians in microseconds. Within a round the two sides alternate in
+    chunks of ~``chunk_s`` (ours first in even rounds, theirs first in odd ones), so a
+    preemption by another job lands on both sides alike. Both are warmed up first."""
     for _ in range(20):
         ours()
         theirs()
     per = max(_time(ours, 50), _time(theirs, 50))
-    inner = max(10, int(round_s / max(per, 1e-7)))
+    inner = max(1, int(chunk_s / max(per, 1e-7)))
+    chunks = max(1, int(round_s / (2 * inner * per)))
     ratios, t_ours, t_theirs = [], [], []
     for r in range(rounds):
-        if r % 2:
-            b = _time(theirs, inner)
-            a = _time(ours, inner)
-        else:
-            a = _time(ours, inner)
-            b = _time(theirs, inner)
+        a = b = 0.0
+        for _ in range(chunks):
+            if r % 2:
+                b += _time(theirs, inner)
+                a += _time(ours, inner)
+            else:
+                a += _time(ours, inner)
+                b += _time(theirs, inner)
         ratios.append(a / b)
-        t_ours.append(a)
-        t_theirs.append(b)
+        t_ours.append(a / chunks)
+        t_theirs.append(b / chunks)
     return dict(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
                 ratios=[round(x, 4) for x in ratios], rounds=rounds, inner_calls=inner,
-                ours_us=statistics.median(t_ours) * 1e6,
+                chunks_per_round=chunks, ours_us=statistics.median(t_ours) * 1e6,
                 theirs_us=statistics.median(t_theirs) * 1e6)
 
 

@@ -224,7 +224,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-j", "--jobs", type=int, default=max(1, len(os.sched_getaffinity(0))),
                     help="parallel compiles (default: the usable CPUs)")
-    ap.add_argument("-k", default="", help="only cases whose label contains this")
+    ap.add_argument("-k", default="", help="only cases whose label matches this regex")
     ap.add_argument("--full", action="store_true", help="every dtype at every shape")
     ap.add_argument("--spill-budget", type=int, default=SPILL_BUDGET_BYTES)
     ap.add_argument("--json", help="also write the rows (and launches per op) here")
@@ -268,7 +268,7 @@ def setup(full=False):
 def run(args, t_start):
     import triton
     cases = setup(args.full)
-    _LIST.extend(c for c in cases if args.k in c.label)
+    _LIST.extend(c for c in cases if re.search(args.k, c.label))
     print(f"triton {triton.__version__}, target sm_{ARCH} ({facts.SMS} SMs): {len(_LIST)} "
           f"distinct compiles from {launches.LAUNCHES[0]} launches, {args.jobs} jobs; "
           f"spill budget {args.spill_budget} B", flush=True)
@@ -287,6 +287,7 @@ def run(args, t_start):
             continue
         row, problems = judge(c, info, args.spill_budget)
         row["seconds"] = round(secs, 1)
+        row["verdict"] = "FAIL" if problems else "KNOWN" if row["known"] else "OK"
         rows.append(row)
         n_fail += bool(problems)
         print(format_row(row, not problems), flush=True)

@@ -58,7 +58,7 @@ class _TorchKernels(TorchDispatchMode):
 def case(label):
     """Launches inside are recorded under ``label`` (one op call)."""
     _LABEL[0] = label
-    OPS[label] = {"triton": 0, "torch": 0, "kernels": []}
+    OPS[label] = {"triton": 0, "torch": 0, "kernels": [], "cases": []}
     with _TorchKernels():
         yield
     _LABEL[0] = ""
@@ -90,6 +90,8 @@ def intercept(fn, backend, knobs):
             CASES[key].uses += 1
         else:
             CASES[key] = Case(fn, _LABEL[0], signature, constexprs, attrs, options, programs)
+        if _LABEL[0]:  # the compile of this launch: the label of its first use, its grid
+            OPS[_LABEL[0]]["cases"].append((fn.__name__, CASES[key].label, programs))
 
     fn.run = run
 
