@@ -20,9 +20,10 @@ launches (Triton kernels + torch kernels) of that op call. Exit 77 (nothing comp
 without triton, its NVIDIA backend or ptxas.
 
 The default case list is the CI gate: every GEMM config the heuristics pick at the
-benchmark shapes, odd, tall-skinny and tiny shapes in fp32 (3xTF32) and bf16, the tf32 and
-fp16 configs at the headline shape, the TMA kernel, centered, halve and fixed_mlp in fp32
-and bf16. ``--full`` adds fp16 everywhere and tf32/fp16 at every GEMM shape.
+benchmark shapes, odd, tall-skinny and tiny shapes in fp32 (3xTF32) and bf16, the tf32
+configs at the headline shape, the TMA kernel, centered, halve and fixed_mlp in fp32
+and bf16 (fewer centered shapes, halve sizes and fixed_mlp flags in bf16). ``--full``
+adds fp16 everywhere, tf32/fp16 at every GEMM shape, and the rest of those cases.
 """
 import os
 import sys
