@@ -20,7 +20,7 @@ import torch
 
 import fastlayers
 
-ROUNDS = 21
+ROUNDS = 41
 ROUND_S = 0.04  # both sides, per round
 CHUNK_S = 0.001  # one side's calls between switches
 
