@@ -57,8 +57,9 @@ def heuristic_config(M: int, N: int, K: int, elsize: int) -> dict:
     ptxas C7515 (wgmma serialised) and spills under the gate's budget, for the forward and
     both (gated) gradient GEMMs. Not yet timed on a GPU.
 
-    - 16-bit, N >= 256: 128x128x64, 8 warps, 4 stages (128x256x64/8/3 serialises wgmma in
-      the forward and weight gradient; 256x128x64/8/3 needs 255 registers and spills).
+    - 16-bit, N and K > 64 and aligned: 128x128x64, 8 warps, 4 stages (128x256x64/8/3,
+      the old N >= 256 tile, serialises wgmma in the forward and weight gradient;
+      256x128x64/8/3 needs 255 registers and spills).
     - memory-bound (N or K <= 64), 16-bit aligned: 128x64x16, 4 warps, 4 stages: 5 blocks
       per SM in the forward (128x64x64 serialises wgmma in the gated input gradient with
       2 or 3 stages, and 1 stage leaves no load in flight).
@@ -94,7 +95,7 @@ def _heuristic(M: int, N: int, K: int, elsize: int) -> tuple:
                        num_stages=3)
     elif not aligned:
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3)
-    elif elsize == 2 and N >= 256:
+    elif elsize == 2:
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
     else:
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3)
