@@ -34,7 +34,8 @@ PATHS = ("persistent", "split", "segments")
 # The persistent path runs one program per SM, so its tile is all that SM has in flight:
 # up to persistent_tile_elems elements (64 KiB of fp32, 32 loads of 16 bytes per thread
 # over persistent_num_warps warps; an H200 needs ~35 KB in flight per SM to approach its
-# bandwidth), 32 elements per thread, 1024 per warp. persistent_programs_per_sm stays 1
+# bandwidth), 32 elements per thread, 1024 per warp; half that when the size or the base is
+# not 16-aligned (unvectorised loads: the full tile spills at the 128-register cap). persistent_programs_per_sm stays 1
 # unless occupancy is checked per compiled kernel: a cooperative launch fails when the grid
 # does not fit on the GPU at once (tests/sm90_compile.py reports registers and CTAs/SM).
 # persistent_max_bytes keeps the persistent path's re-read in L2 (50 MiB on an H200).
@@ -222,7 +223,10 @@ def _persistent_plan(x: torch.Tensor):
     if n * x.element_size() > GPU_CONFIG["persistent_max_bytes"]:
         return None
     slots = GPU_CONFIG["persistent_programs_per_sm"] * sm_count(x.device.index)
-    block = min(GPU_CONFIG["persistent_tile_elems"], max(1024, _pow2(triton.cdiv(n, slots))))
+    tile = GPU_CONFIG["persistent_tile_elems"]
+    if n % 16 or x.data_ptr() % 16:  # unvectorised loads: a 16K tile hits 128 regs, spills
+        tile //= 2
+    block = min(tile, max(1024, _pow2(triton.cdiv(n, slots))))
     return persistent_plan_for(n, block, slots)
 
 

@@ -184,8 +184,8 @@ def centered_launches(kernels, full):
         e = lambda *s: torch.empty(*s, dtype=dtype)  # noqa: E731
         segments = full or dtype == torch.float32  # bf16 segments: same code, only --full
         limit = c.GPU_CONFIG["persistent_max_bytes"] // e(0).element_size()
-        sizes = (1000, 1 << 16, 1_000_003, 1 << 22, limit) if full else \
-            (1 << 16, 1_000_003, 1 << 22)
+        sizes = (1000, 1 << 16, 1_000_003, 4_194_301, 1 << 22, limit) if full else \
+            (1 << 16, 1_000_003, 4_194_301, 1 << 22)  # 4_194_301: odd, 16K-element tiles
         for n in sorted(set(sizes)):
             if n <= limit:
                 with case(f"centered {name} numel={n} persistent"):
