@@ -31,13 +31,18 @@ from .runtime import device_guard, interpreting, sm_count
 PATHS = ("persistent", "split", "segments")
 
 # Tiles hold 16 KiB of input on the GPU (a segment up to one tile is centered in one sweep).
-# persistent_programs_per_sm stays 1 unless occupancy is checked per compiled kernel: a
-# cooperative launch fails when the grid does not fit on the GPU at once, and a bf16 tile
-# whose loads cannot be vectorised (size not a multiple of 16) takes 240 registers/thread.
+# The persistent path runs one program per SM, so its tile is all that SM has in flight:
+# up to persistent_tile_elems elements (64 KiB of fp32, 32 loads of 16 bytes per thread
+# over persistent_num_warps warps; an H200 needs ~35 KB in flight per SM to approach its
+# bandwidth), 32 elements per thread, 1024 per warp; half that when the size or the base is
+# not 16-aligned (unvectorised loads: the full tile spills at the 128-register cap). persistent_programs_per_sm stays 1
+# unless occupancy is checked per compiled kernel: a cooperative launch fails when the grid
+# does not fit on the GPU at once (tests/sm90_compile.py reports registers and CTAs/SM).
 # persistent_max_bytes keeps the persistent path's re-read in L2 (50 MiB on an H200).
 # Under the interpreter, small values keep test shapes small while crossing every boundary.
 GPU_CONFIG = dict(tile_bytes=16384, num_warps=8, splits_per_sm=4,
-                  persistent_programs_per_sm=1, persistent_max_bytes=16 << 20)
+                  persistent_programs_per_sm=1, persistent_max_bytes=16 << 20,
+                  persistent_tile_elems=16384, persistent_num_warps=16)
 INTERPRETER_CONFIG = dict(tile=64, max_one_sweep=32, split_block=32, splits_per_sm=4)
 
 
@@ -218,10 +223,19 @@ def _persistent_plan(x: torch.Tensor):
     if n * x.element_size() > GPU_CONFIG["persistent_max_bytes"]:
         return None
     slots = GPU_CONFIG["persistent_programs_per_sm"] * sm_count(x.device.index)
-    block = min(_tile_elems(x), max(1024, _pow2(triton.cdiv(n, slots))))
+    tile = GPU_CONFIG["persistent_tile_elems"]
+    if n % 16 or x.data_ptr() % 16:  # unvectorised loads: a 16K tile hits 128 regs, spills
+        tile //= 2
+    block = min(tile, max(1024, _pow2(triton.cdiv(n, slots))))
+    return persistent_plan_for(n, block, slots)
+
+
+def persistent_plan_for(n: int, block: int, slots: int):
+    """(block, programs, tiles per program, num_warps) of a persistent launch over n
+    elements with tiles of ``block`` on at most ``slots`` programs (32 elements a thread)."""
     programs = min(triton.cdiv(n, block), slots)
     tiles = triton.cdiv(triton.cdiv(n, block), programs)
-    return block, programs, tiles, max(4, min(GPU_CONFIG["num_warps"], block // 512))
+    return block, programs, tiles, max(4, min(GPU_CONFIG["persistent_num_warps"], block // 1024))
 
 
 def _launch_persistent(xf, yf, plan):

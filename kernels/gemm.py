@@ -10,6 +10,8 @@ input gradient and (dy^T gated by y^T, x, rowsum) for the weight and bias gradie
 fixed-hidden matmul is (x, W, scalar=c, relu). Operands may have any strides (stride 0
 included); offsets are 64-bit. Accumulation is fp32 for every dtype.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -19,8 +21,8 @@ from .runtime import autotuning, device_guard, dot_precision, interpreting, sm_c
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Pruned per call by shared memory
 # use, so the fp32 and 16-bit cases each keep the ones that fit on a Hopper SM.
+# 128x256x64/8/3 is left out: ptxas serialises its wgmmas (C7515) on sm_90 (triton 3.6).
 _CONFIGS = [
-    (128, 256, 64, 8, 3),
     (256, 128, 64, 8, 3),
     (128, 128, 64, 8, 4),
     (128, 128, 64, 4, 4),
@@ -29,6 +31,7 @@ _CONFIGS = [
     (64, 64, 64, 4, 4),
     (128, 128, 32, 8, 4),
     (128, 64, 32, 4, 4),
+    (128, 64, 16, 4, 4),
     (64, 64, 32, 4, 3),
     (256, 64, 64, 8, 3),
     (32, 64, 128, 4, 4),
@@ -44,26 +47,59 @@ TMA_MIN_OUTPUTS = 1 << 16
 def heuristic_config(M: int, N: int, K: int, elsize: int) -> dict:
     """A good launch config for a Hopper-class GPU without autotuning (the default: no
     tuning pause on each new shape). Set FASTLAYERS_AUTOTUNE=1 to search _CONFIGS instead.
+    Cached per (M, N, K, elsize): the launch plan of a shape is computed once.
 
-    N or K not a multiple of 16 (odd layer sizes) means unvectorised loads, one pointer
-    register per element: such shapes get short K steps (and 8 warps on tall ones), which
-    keep the tiles nearly free of register spills (ptxas, sm_90: tests/sm90_compile.py)."""
+    M, N, K: the GEMM's sizes; elsize: bytes per operand element (4: fp32, 2: bf16/fp16).
+    Returns dict(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), a new dict.
+
+    Chosen by compiling every branch for sm_90 with triton 3.6 (the GPU machine's) at the
+    benchmark, odd, tall-skinny and tiny shapes (tests/sm90_compile.py, the CI gate): no
+    ptxas C7515 (wgmma serialised) and spills under the gate's budget, for the forward and
+    both (gated) gradient GEMMs. Not yet timed on a GPU.
+
+    - 16-bit, N and K > 64 and aligned: 128x128x64, 8 warps, 4 stages (128x256x64/8/3,
+      the old N >= 256 tile, serialises wgmma in the forward and weight gradient;
+      256x128x64/8/3 needs 255 registers and spills).
+    - memory-bound (N or K <= 64), 16-bit aligned: 128x64x16, 4 warps, 4 stages: 5 blocks
+      per SM in the forward (128x64x64 serialises wgmma in the gated input gradient with
+      2 or 3 stages, and 1 stage leaves no load in flight).
+    - fp32 (3xTF32 or tf32: elsize cannot tell them apart): 128x128x32, 8 warps, 3 stages,
+      clean in 3xTF32 (the default, fp32-accurate mode). Plain tf32 serialises wgmma here in
+      the forward and input gradient; its gated input gradient does so in every tile tried
+      (64..256 x 64..256 x 16..64, 4 or 8 warps, 2-4 stages), so it needs a kernel change,
+      and the gate reports tf32 as KNOWN rather than failing.
+    - N or K not a multiple of 16 (odd layer sizes) means unvectorised loads, one pointer
+      register per element: short K steps (and 8 warps on tall shapes) keep the tiles
+      nearly free of register spills.
+    """
+    return dict(_heuristic(M, N, K, elsize))
+
+
+@functools.lru_cache(maxsize=4096)
+def _heuristic(M: int, N: int, K: int, elsize: int) -> tuple:
     aligned = N % 16 == 0 and K % 16 == 0
     # A K step no longer than K needs (each thread holds a pointer per loaded element:
     # oversized tiles of small, unaligned K spill registers).
     bk = min(64 if elsize == 2 and aligned else 32, max(16, triton.next_power_of_2(K)))
     if M <= 64:  # skinny: one row-tile, long K steps
         bm = max(16, triton.next_power_of_2(M))
-        return dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=2 * bk if aligned else bk, GROUP_M=8,
-                    num_warps=4, num_stages=3)
-    if N <= 64 or K <= 64:  # memory-bound: small tiles, many programs in flight per SM
-        return dict(BLOCK_M=128, BLOCK_N=max(32, min(64, triton.next_power_of_2(N))), BLOCK_K=bk,
-                    GROUP_M=8, num_warps=4 if elsize == 2 and aligned else 8, num_stages=3)
-    if not aligned:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3)
-    if elsize == 2 and N >= 256:
-        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=2 * bk if aligned else bk, GROUP_M=8,
+                   num_warps=4, num_stages=3)
+    elif N <= 64 or K <= 64:  # memory-bound: small tiles, many programs in flight per SM
+        bn = max(32, min(64, triton.next_power_of_2(N)))
+        if elsize == 2 and aligned:
+            cfg = dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=16, GROUP_M=8, num_warps=4,
+                       num_stages=4)
+        else:
+            cfg = dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=8,
+                       num_stages=3)
+    elif not aligned:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3)
+    elif elsize == 2:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=3)
+    return tuple(cfg.items())
 
 
 def _prune(configs, named_args, **kwargs):

@@ -4,7 +4,9 @@ Same contract as :func:`kernels.gemm.fused_gemm` (gate prologue, bias/scalar/ReL
 row sums). One program per SM walks the output tiles (grouped order for L2 reuse); the
 tile loop is flattened with the K loop so the next tile's loads are in flight while the
 current tile finishes: what a memory-bound shape (K, N <= 64) needs to approach copy
-bandwidth. Operands are read through host-side tensor descriptors, which need a 16-byte
+bandwidth. Gated GEMMs (the backward's) keep the loops nested (FLATTEN=False): flattened,
+ptxas serialises their wgmmas on sm_90 (C7515, triton 3.6, every tile tried; the sm_90
+gate, tests/sm90_compile.py, checks this). Operands are read through host-side tensor descriptors, which need a 16-byte
 aligned base, one unit-stride dim and 16-byte aligned other strides (:func:`eligible`);
 out-of-bounds boxes read as zeros, so no load masks are needed. The output is stored with
 masked pointer stores (any strides).
@@ -84,7 +86,7 @@ def _fused_gemm_tma_kernel(
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALAR: tl.constexpr,
     RELU: tl.constexpr, ROWSUM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -94,7 +96,7 @@ def _fused_gemm_tma_kernel(
     num_pid_in_group = GROUP_M * num_pid_n
     tile_id_c = start - NUM_PROGRAMS  # separate epilogue counter (pipeliner requirement)
 
-    for tile_id in tl.range(start, num_tiles, NUM_PROGRAMS, flatten=True):
+    for tile_id in tl.range(start, num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
         pid_m, pid_n = _tile_pid(tile_id, num_pid_in_group, num_pid_m, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -154,4 +156,5 @@ def launch(a, b, gate, bias, c, rs, scalar, flags, cfg, num_programs):
         a_desc, b_desc, g_desc, bias if bias is not None else c, c, rs if rs is not None else c,
         M, N, K, c.stride(0), c.stride(1), 0.0 if scalar is None else float(scalar),
         A_K_CONTIG=a_k, B_K_CONTIG=b_k, **flags, **cfg, NUM_PROGRAMS=programs,
+        FLATTEN=gate is None,
     )

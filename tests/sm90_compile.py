@@ -1,16 +1,29 @@
-"""Compile every default-path Triton kernel of kernels/ for an H100/H200 (sm_90), on a CPU.
+"""The sm_90 gate: compile every default-path Triton kernel of kernels/ for an H100/H200,
+on a CPU, and fail on what would cost speed there.
 
-    python tests/sm90_compile.py [-j JOBS] [-k SUBSTRING]
+    python tests/sm90_compile.py [--full] [-j JOBS] [-k SUBSTRING] [--json PATH]
 
 The real launchers run on (never written) CPU tensors with each kernel's launch caught:
 its arguments go through Triton's own binder, so the compile gets what a GPU launch would
 (dtypes, 16-byte alignment, ints equal to 1 or divisible by 16, constexprs, num_warps,
 num_stages), from the launchers' own configs (``gemm.heuristic_config``, centered's plans,
-...) with an H100/H200's SM count. Each distinct one is compiled by ``triton.compile`` for
-``GPUTarget("cuda", 90, 32)`` through ptxas, in a fresh cache. One line per compile: OK or
-FAIL, kernel, case (of the first launch needing it; "+N same": further ones), registers
-and spill stores/loads (ptxas -v) and shared memory bytes. Exit status 1 if any
-compile failed; 77 (nothing compiled) without triton, its NVIDIA backend or ptxas.
+...) with an H100/H200's SM count. Each distinct one is compiled once by ``triton.compile``
+for ``GPUTarget("cuda", 90, 32)`` through ptxas, in a fresh cache.
+
+FAIL (exit 1) when a compile errors, when ptxas warns C7515 (wgmma serialised), when
+spill stores + loads pass ``--spill-budget`` bytes, or when a ``tl.dot`` whose tile allows
+wgmma (BLOCK_M >= 64, warps a multiple of 4, 16-bit or tf32 operands) lowers to something
+else. One row per compile: kernel, the config, registers, spills, shared memory, blocks per
+SM (and the limit: regs/smem/warps) and waves on 132 SMs for the first launch that needed
+it, the MMA instruction (PTX; SASS HGMMA count when a disassembler is there), and the
+launches (Triton kernels + torch kernels) of that op call. Exit 77 (nothing compiled)
+without triton, its NVIDIA backend or ptxas.
+
+The default case list is the CI gate: every GEMM config the heuristics pick at the
+benchmark shapes, odd, tall-skinny and tiny shapes in fp32 (3xTF32) and bf16, the tf32
+configs at the headline shape, the TMA kernel, centered, halve and fixed_mlp in fp32
+and bf16 (fewer centered shapes, halve sizes and fixed_mlp flags in bf16). ``--full``
+adds fp16 everywhere, tf32/fp16 at every GEMM shape, and the rest of those cases.
 """
 import os
 import sys
@@ -35,14 +48,14 @@ import types  # noqa: E402
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import sm90_facts as facts  # noqa: E402
+import sm90_launches as launches  # noqa: E402
+
 ARCH = 90
-SMS = 132  # streaming multiprocessors of an H100 SXM and of an H200
-# M, N, K: the benchmark shapes, then odd sizes (unvectorised loads, the most registers)
-GEMM_SHAPES = [(8192, 4096, 4096), (65536, 256, 256), (262144, 64, 64), (2, 8, 64),
-               (8191, 4095, 4097)]
 SKIP_RC = 77
-PRECISIONS = [("fp32-ieee", torch.float32, "ieee"), ("fp32-tf32", torch.float32, "tf32"),
-              ("bf16", torch.bfloat16, "ieee"), ("fp16", torch.float16, "ieee")]  # GEMM inputs
+SPILL_BUDGET_BYTES = 256  # spill stores + loads of one compile (ptxas -v)
 
 
 def cannot_compile():
@@ -64,184 +77,13 @@ def cannot_compile():
     return None
 
 
-class Case:
-    """One distinct compile: a kernel with the signature, constexprs, attributes and
-    options of a launch, the label of the first launch that needed it."""
-
-    def __init__(self, fn, label, signature, constexprs, attrs, options):
-        self.fn, self.label, self.uses = fn, label, 1
-        self.signature, self.constexprs, self.attrs, self.options = \
-            signature, constexprs, attrs, options
-
-
-CASES = {}
-SKIPS = []
-LAUNCHES = [0]
-_LABEL = [""]
-
-
-@contextlib.contextmanager
-def case(label):
-    """Launches inside are recorded under ``label``."""
-    _LABEL[0] = label
-    yield
-    _LABEL[0] = ""
-
-
-def intercept(fn, backend, knobs):
-    """Replace launches of ``fn`` by recording what a GPU launch would compile."""
-    from triton.runtime.jit import create_function_from_signature
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-
-    def run(*args, grid, warmup, **kwargs):  # JITFunction.run, up to the compile
-        kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
-        for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):
-            if hasattr(knobs.compilation, knob):
-                kwargs[knob] = getattr(knobs.compilation, knob)
-        bound, spec, opts = binder(*args, **kwargs)
-        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
-        LAUNCHES[0] += 1
-        key = (fn.__name__, repr(signature), repr(constexprs), repr(attrs), repr(options))
-        if key in CASES:
-            CASES[key].uses += 1
-        else:
-            CASES[key] = Case(fn, _LABEL[0], signature, constexprs, attrs, options)
-
-    fn.run = run
-
-
-# ----------------------------------------------------------------------------- the launches
-def gemm_launches(kernels):
-    """linear_relu fwd / bwd_input / bwd_params at every shape (fp32 and bf16) and once
-    in fp32-tf32 and fp16; fixed_hidden fwd / bwd_input in each precision."""
-    lr, fh = kernels.linear_relu, kernels.fixed_hidden
-    for prec, dtype, mode in PRECISIONS:
-        shapes = GEMM_SHAPES if prec in ("fp32-ieee", "bf16") else GEMM_SHAPES[:1]
-        for M, N, K in shapes:
-            x, w, b, y, dy = (torch.empty(s, dtype=dtype) for s in
-                              [(M, K), (N, K), (N,), (M, N), (M, N)])
-            tag = f"{prec} M={M} N={N} K={K}"
-            with case(f"linear_relu_fwd {tag}"):
-                lr.linear_relu_fwd(x, w, b, mode)
-            with case(f"linear_relu_bwd_input {tag}"):
-                lr.linear_relu_bwd_input(dy, y, w, mode)
-            with case(f"linear_relu_bwd_params {tag}"):
-                lr.linear_relu_bwd_params(dy, y, x, mode)
-        M, N, K = GEMM_SHAPES[0]
-        x, wf, y, dy = (torch.empty(s, dtype=dtype) for s in [(M, K), (K, N), (M, N), (M, N)])
-        tag = f"{prec} M={M} N={N} K={K}"
-        with case(f"fixed_hidden_fwd {tag}"):
-            fh.fixed_hidden_fwd(x, wf, 1.0, mode)
-        with case(f"fixed_hidden_bwd_input {tag}"):
-            fh.fixed_hidden_bwd_input(dy, y, wf, mode)
-
-
-def tma_launches(kernels):
-    """The opt-in TMA GEMM (FASTLAYERS_TMA=1): each operand layout (K-contiguous or not)
-    of the linear_relu GEMMs, fp32 and bf16, plus the memory-bound shape's forward."""
-    gemm, gemm_tma = kernels.gemm, kernels.gemm_tma
-    if gemm_tma.TensorDescriptor is None:
-        SKIPS.append(("_fused_gemm_tma_kernel", "this triton has no host-side TensorDescriptor "
-                      "(triton.tools.tensor_descriptor); the TMA kernel is opt-in"))
-        return
-    launch = gemm_tma.launch
-
-    def on_h100(a, b, gate, bias, c, rs, scalar, flags, cfg, num_programs):
-        # fused_gemm passes 4 programs for CPU tensors; a GPU gets per_sm * SM count.
-        per_sm = 2 if cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 128 * 64 else 1
-        launch(a, b, gate, bias, c, rs, scalar, flags, cfg, per_sm * SMS)
-
-    gemm_tma.launch = on_h100
-    try:
-        for prec, dtype, mode in PRECISIONS[::2]:  # fp32-ieee, bf16
-            for M, N, K in (GEMM_SHAPES[0], GEMM_SHAPES[2]):
-                x, w, b, y, dy = (torch.empty(s, dtype=dtype) for s in
-                                  [(M, K), (N, K), (N,), (M, N), (M, N)])
-                tag = f"{prec} M={M} N={N} K={K}"
-                with case(f"tma linear_relu_fwd {tag}"):
-                    gemm.fused_gemm(x, w.t(), bias=b, relu=True, fp32_mode=mode, path="tma")
-                if K == 64:
-                    continue
-                with case(f"tma linear_relu_bwd_input {tag}"):
-                    gemm.fused_gemm(dy, w, gate=y, fp32_mode=mode, path="tma")
-                with case(f"tma linear_relu_bwd_params {tag}"):
-                    gemm.fused_gemm(dy.t(), x, gate=y.t(), rowsum=True, fp32_mode=mode,
-                                    path="tma")
-    finally:
-        gemm_tma.launch = launch
-
-
-def centered_launches(kernels):
-    """Each path of centered(): persistent (one tile per program, several, odd sizes),
-    split (global and per row), segments (one sweep, two sweeps, strided, permuted)."""
-    c = kernels.centered
-    c.sm_count = lambda *_: SMS  # plans sized for an H100/H200
-    # _launch_split takes 1 SM for CPU tensors: per_sm * 1 is then a GPU's per_sm * SMS.
-    c.GPU_CONFIG["splits_per_sm"] *= SMS
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        e = lambda *s: torch.empty(*s, dtype=dtype)  # noqa: E731
-        limit = c.GPU_CONFIG["persistent_max_bytes"] // e(0).element_size()
-        for n in (1000, 1_000_003, limit):
-            with case(f"centered {name} numel={n} persistent"):
-                c.centered(e(n), path="persistent")
-        for n in (1 << 16, 10_000_019):
-            with case(f"centered {name} numel={n} split"):
-                c.centered(e(n), path="split")
-        with case(f"centered {name} [4, 1<<20] dims=(1,) split"):
-            c.centered(e(4, 1 << 20), (1,), path="split")
-        for shape, dims in (((1000,), ()), ((1024, 64), (1,)), ((64, 8192), (1,)),
-                            ((1024, 64), (0,)), ((100, 1000), (1,)), ((8, 512, 33), (1,)),
-                            ((32, 3, 224, 224), (0, 2, 3))):
-            with case(f"centered {name} {list(shape)} dims={dims} segments"):
-                c.centered(e(*shape), dims, path="segments")
-
-
-def halve_launches(kernels):
-    """halve_until (partials, count, scale) per dtype, and count_and_sum (fp32, bf16)."""
-    h = kernels.halve
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        for n in (1 << 20, 1_000_003):
-            x = torch.empty(n, dtype=dtype)
-            with case(f"halve_until {name} n={n}"):
-                h.halve_until(x, 1.0)
-            if dtype != torch.float16:
-                with case(f"count_and_sum {name} n={n}"):
-                    h.count_and_sum(h.halve_partials(x, signed=True), 1.0, dtype)
-
-
-def fixed_mlp_launches(kernels):
-    """fixed_mlp_fwd fused (d <= 64: flags per dtype) and composed (d = 70), and
-    fixed_mlp_bwd (fused GEMMs) for d = 20 and 70."""
-    fm = kernels.fixed_mlp
-    M = 4096
-    for prec, dtype, mode in PRECISIONS:
-        e = lambda *s: torch.empty(*s, dtype=dtype)  # noqa: E731
-        combos = [(20, False, True), (64, False, True)]
-        if mode == "ieee":
-            combos += [(20, True, False), (20, False, False)]
-        if prec == "fp32-ieee":
-            combos += [(20, True, True), (70, False, True), (70, True, False)]
-        for d, reduce_sum, save_h2 in combos:
-            with case(f"fixed_mlp_fwd {prec} M={M} d={d} reduce_sum={reduce_sum} "
-                      f"save_h2={save_h2}"):
-                fm.fixed_mlp_fwd(e(M, d), e(d, d), e(d), e(d, d), 1.0, 1.0, reduce_sum,
-                                 save_h2, fp32_mode=mode)
-        if prec == "fp32-ieee":
-            with case(f"fixed_mlp_fwd {prec} M={M} d=20 bias=None"):
-                fm.fixed_mlp_fwd(e(M, 20), e(20, 20), None, e(20, 20), 1.0, 1.0, False, True)
-        if prec in ("fp32-ieee", "bf16"):
-            for d in (20, 70):
-                with case(f"fixed_mlp_bwd {prec} M={M} d={d}"):
-                    fm.fixed_mlp_bwd(e(M, d), e(M, d), e(d, d), e(d, d), e(M, d), mode)
-
-
 # ----------------------------------------------------------------------------- compiling
 _LIST = []
 _TARGET = []
 
 
 def compile_case(i):
-    """(ok, info, seconds) for _LIST[i]: info is the ptxas/metadata summary or the error."""
+    """(ok, facts dict or error text, seconds) for _LIST[i]."""
     import triton
     from triton.compiler import ASTSource
     c = _LIST[i]
@@ -253,17 +95,11 @@ def compile_case(i):
                                target=_TARGET[0], options=c.options.__dict__)
     except Exception as e:  # noqa: BLE001 (a failed compile is the report)
         return False, f"{type(e).__name__}: {e}", time.perf_counter() - t0
-    text = log.getvalue()
-    regs = re.search(r"Used (\d+) registers", text)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    info = [f"regs={regs.group(1) if regs else '?'}"]
-    if spill:
-        st, ld = int(spill.group(1)), int(spill.group(2))
-        info.append(f"spill={st}/{ld}B" + (" SPILLS" if st or ld else ""))
-    info.append(f"smem={getattr(k.metadata, 'shared', '?')}")
-    o = c.options
-    info.append(f"warps={o.num_warps} stages={o.num_stages}")
-    return True, " ".join(info), time.perf_counter() - t0
+    out = facts.ptxas_facts(log.getvalue())
+    out["smem"] = int(getattr(k.metadata, "shared", 0) or 0)
+    out["mma"] = facts.mma_kind(k.asm.get("ptx", ""))
+    out["sass"] = facts.sass_counts(k.asm.get("cubin", b""))
+    return True, out, time.perf_counter() - t0
 
 
 def _worker(conn):  # in a forked process: compile the cases the parent sends
@@ -313,11 +149,86 @@ def compile_all(jobs):
             nxt += 1
 
 
+# ----------------------------------------------------------------------------- the verdict
+_SOURCES = {}
+
+
+def config_of(c) -> str:
+    """The launch config of a case: its block constexprs, warps and stages."""
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK", "BLOCK_A", "BLOCK_C", "BLOCK_I", "DP")
+    named = getattr(c, "named", {})
+    vals = [str(named[k]) for k in keys if isinstance(named.get(k), int)
+            and not isinstance(named.get(k), bool)]
+    cfg = "x".join(vals) or "-"
+    return f"{cfg}/w{c.options.num_warps}/s{c.options.num_stages}"
+
+
+def _constexprs_by_name(c):
+    """{name: value} of a case's constexprs (the compile keys them by argument index)."""
+    out = {}
+    for key, val in c.constexprs.items():
+        idx = key[0] if isinstance(key, tuple) else key
+        if isinstance(idx, int) and idx < len(c.fn.arg_names):
+            out[c.fn.arg_names[idx]] = val
+        elif isinstance(idx, str):
+            out[idx] = val
+    return out
+
+
+def judge(c, info, budget):
+    """The row of a compiled case and its problems (empty: it passes)."""
+    import inspect
+    src = _SOURCES.setdefault(c.fn.__name__, inspect.getsource(c.fn.fn))
+    warps = c.options.num_warps
+    occ = facts.ctas_per_sm(info["regs"] or 255, info["smem"], warps)
+    op = launches.OPS.get(c.label, {"triton": 0, "torch": 0})
+    row = dict(kernel=c.fn.__name__, case=c.label, uses=c.uses, config=config_of(c),
+               regs=info["regs"], spill=info["spill_stores"] + info["spill_loads"],
+               smem=info["smem"], ctas=occ["ctas"], limit=occ["limit"], programs=c.programs,
+               waves=facts.waves(c.programs, occ["ctas"]) if c.programs else None,
+               mma=info["mma"], sass=info["sass"], warnings=info["warnings"],
+               launches=f"{op['triton']}+{op['torch']}")
+    problems, known = [], []
+    if info["serialized"]:
+        why = f"C7515: wgmma serialized {info.get('serialized_why', '')}".strip()
+        if c.named.get("PRECISION") == "tf32" and c.signature.get("a_ptr") == "*fp32":
+            known.append(why + " [KNOWN: plain tf32, see gemm.heuristic_config]")
+        else:
+            problems.append(why)
+    if row["spill"] > budget:
+        problems.append(f"spills {row['spill']} B > {budget} B")
+    if facts.wgmma_expected(src, c.named, warps) and info["mma"] != "wgmma":
+        problems.append(f"tl.dot lowered to {info['mma']}, not wgmma")
+    if occ["ctas"] == 0:
+        problems.append("does not fit on an SM")
+    row["known"] = known
+    return row, problems
+
+
+HEADER = (f"{'':4} {'kernel':<26} {'config':<22} {'regs':>4} {'spill':>5} {'smem':>7} "
+          f"{'CTA/SM':>9} {'waves':>7} {'mma':>5} {'HGMMA':>5} {'launch':>6}  case")
+
+
+def format_row(row, ok):
+    w = row["waves"]
+    waves = "?" if w is None else f"{w:.2f}" if w >= 0.1 else f"{w:.4f}"
+    sass = row["sass"]["HGMMA"] if row["sass"] else "?"
+    uses = f" (+{row['uses'] - 1} same)" if row["uses"] > 1 else ""
+    verdict = "FAIL" if not ok else "KNWN" if row.get("known") else "OK"
+    return (f"{verdict:<4} {row['kernel']:<26} {row['config']:<22} "
+            f"{row['regs'] or '?':>4} {row['spill']:>5} {row['smem']:>7} "
+            f"{row['ctas']:>3} {row['limit']:<5} {waves:>7} {row['mma']:>5} {sass:>5} "
+            f"{row['launches']:>6}  {row['case']}{uses}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-j", "--jobs", type=int, default=max(1, len(os.sched_getaffinity(0))),
                     help="parallel compiles (default: the usable CPUs)")
-    ap.add_argument("-k", default="", help="only cases whose label contains this")
+    ap.add_argument("-k", default="", help="only cases whose label matches this regex")
+    ap.add_argument("--full", action="store_true", help="every dtype at every shape")
+    ap.add_argument("--spill-budget", type=int, default=SPILL_BUDGET_BYTES)
+    ap.add_argument("--json", help="also write the rows (and launches per op) here")
     args = ap.parse_args(argv)
     reason = cannot_compile()
     if reason:
@@ -327,17 +238,16 @@ def main(argv=None):
     cache = tempfile.mkdtemp(prefix="sm90-compile-")
     os.environ["TRITON_CACHE_DIR"] = cache  # compile everything (and get ptxas logs)
     try:
-        return _run(args, t_start)
+        return run(args, t_start)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
 
-def _run(args, t_start):
-    import triton
+def setup(full=False):
+    """Intercept every kernel of kernels/ and record the launches; returns the cases."""
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
-
     from triton.runtime.jit import JITFunction
 
     names = ("centered", "fixed_hidden", "fixed_mlp", "gemm", "gemm_tma", "halve", "linear_relu")
@@ -349,26 +259,48 @@ def _run(args, t_start):
     for module in vars(kernels).values():  # every kernel: none may launch for real here
         for name, fn in vars(module).items():
             if isinstance(fn, JITFunction) and name.endswith("_kernel"):
-                intercept(fn, backend, knobs)
-    for launches in (gemm_launches, tma_launches, centered_launches, halve_launches,
-                     fixed_mlp_launches):
-        launches(kernels)
-    _LIST.extend(c for c in CASES.values() if args.k in c.label)
-    print(f"triton {triton.__version__}, target sm_{ARCH} ({SMS} SMs): {len(_LIST)} distinct "
-          f"compiles from {LAUNCHES[0]} launches, {args.jobs} jobs", flush=True)
-    for name, why in SKIPS:
+                launches.intercept(fn, backend, knobs)
+    launches.record(kernels, full)
+    for c in launches.CASES.values():
+        c.named = _constexprs_by_name(c)
+    return list(launches.CASES.values())
+
+
+def run(args, t_start):
+    import triton
+    cases = setup(args.full)
+    _LIST.extend(c for c in cases if re.search(args.k, c.label))
+    print(f"triton {triton.__version__}, target sm_{ARCH} ({facts.SMS} SMs): {len(_LIST)} "
+          f"distinct compiles from {launches.LAUNCHES[0]} launches, {args.jobs} jobs; "
+          f"spill budget {args.spill_budget} B", flush=True)
+    for name, why in launches.SKIPS:
         print(f"SKIP {name}: {why}", flush=True)
-    n_fail, t_compile = 0, 0.0
+    print("launch: Triton kernels + torch kernels of the op call; CTA/SM: resident blocks "
+          "per SM (limit); waves: programs / (CTA/SM x 132)", flush=True)
+    print(HEADER, flush=True)
+    n_fail, t_compile, rows = 0, 0.0, []
     for c, (ok, info, secs) in zip(_LIST, compile_all(args.jobs)):
         t_compile += secs
-        uses = f" (+{c.uses - 1} same)" if c.uses > 1 else ""
-        if ok:
-            print(f"OK   {c.fn.__name__:<26} {c.label}{uses}: {info} ({secs:.1f}s)", flush=True)
-        else:
+        if not ok:
             n_fail += 1
-            print(f"FAIL {c.fn.__name__:<26} {c.label}{uses} ({secs:.1f}s)\n    "
+            print(f"FAIL {c.fn.__name__:<26} {config_of(c):<22} {c.label} ({secs:.1f}s)\n    "
                   + "\n    ".join(info.splitlines()[:60]), flush=True)
-    print(f"{len(_LIST) - n_fail} OK, {n_fail} FAIL; {t_compile:.1f}s of compiles, "
+            continue
+        row, problems = judge(c, info, args.spill_budget)
+        row["seconds"] = round(secs, 1)
+        row["verdict"] = "FAIL" if problems else "KNOWN" if row["known"] else "OK"
+        rows.append(row)
+        n_fail += bool(problems)
+        print(format_row(row, not problems), flush=True)
+        for p in problems + row["known"]:
+            print(f"     ^ {p}", flush=True)
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump(dict(triton=triton.__version__, rows=rows, ops=launches.OPS), f, indent=1)
+    n_known = sum(bool(r["known"]) for r in rows)
+    print(f"{len(_LIST) - n_fail} OK ({n_known} of them KNOWN), {n_fail} FAIL; "
+          f"{t_compile:.1f}s of compiles, "
           f"{time.perf_counter() - t_start:.1f}s wall", flush=True)
     return 1 if n_fail else 0
 

@@ -229,6 +229,23 @@ def test_bad_input_gets_clear_error(call, exc, words):
 
 
 @requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_persistent_kernel_with_the_gpus_tile(dtype):
+    """The GPU's persistent tile (GPU_CONFIG persistent_tile_elems, 16 warps), run in the
+    interpreter as one program: several tiles, a partial last one, an odd size."""
+    block = K.GPU_CONFIG["persistent_tile_elems"]
+    for n in (block - 3, 2 * block + 5):
+        x = randn(n, dtype=dtype, device=KERNEL_DEVICE) * 3 + 1.5
+        y = torch.empty_like(x)
+        plan = K.persistent_plan_for(n, block, 1)
+        assert plan[0] == block and plan[1] == 1 and plan[3] == 16
+        K._launch_persistent(x, y, plan)
+        assert_close_to_ref(y, ref64(x), dtype, what=f"n={n}")
+    # On an H200 (132 SMs) the benchmark's 2**22 fp32 gets 64 KiB tiles, 2 per program.
+    assert K.persistent_plan_for(2 ** 22, block, 132)[1:] == (132, 2, 16)
+
+
+@requires_triton
 def test_bad_kernel_path_is_a_clear_error():
     with pytest.raises(ValueError, match="path must be"):
         K.centered(randn(4, device=KERNEL_DEVICE), [], "fast")
@@ -247,8 +264,8 @@ def test_gpu_one_launch_path_matches_float64_and_resets_its_barrier(dtype):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     esize = torch.empty((), dtype=dtype).element_size()
     cap = K.GPU_CONFIG["persistent_max_bytes"] // esize
-    one_tile_each = K.GPU_CONFIG["persistent_programs_per_sm"] * sms * (
-        K.GPU_CONFIG["tile_bytes"] // esize)  # beyond this, programs loop over tiles
+    one_tile_each = K.GPU_CONFIG["persistent_programs_per_sm"] * sms * \
+        K.GPU_CONFIG["persistent_tile_elems"]  # beyond this, programs loop over tiles
     stream = torch.cuda.Stream()
     sizes = (1, 1000, 2 ** 16, 2 ** 16 + 1, one_tile_each, one_tile_each + 1, 2 ** 20 + 3,
              2 ** 22, cap - 1, cap)

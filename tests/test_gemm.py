@@ -100,9 +100,11 @@ def test_stride_zero_operand():
     assert_close_to_ref(fused_gemm(a, b), a.double() @ b.double())
 
 
-# M, N, K reaching every branch of heuristic_config: the benchmark shapes, then odd sizes.
+# M, N, K reaching every branch of heuristic_config: the benchmark shapes, then odd sizes,
+# a tall-skinny odd one and a tiny odd one (the sm_90 gate's list, tests/sm90_launches.py).
 GPU_SHAPES = [(8192, 4096, 4096), (65536, 256, 256), (262144, 64, 64), (2, 8, 64),
-              (8191, 4095, 4097), (4096, 70, 70)]
+              (8191, 4095, 4097), (4096, 70, 70), (1_000_003, 20, 20), (3, 5, 7),
+              (4096, 64, 4096), (65536, 4096, 64)]
 
 
 def test_heuristic_configs_fit_shared_memory():
@@ -158,6 +160,23 @@ def test_split_k_refuses_an_epilogue():
     a, b = operand(8, 64, False, torch.float32), operand(64, 8, False, torch.float32)
     with pytest.raises(ValueError, match="split_k > 1 needs a GEMM without bias"):
         fused_gemm(a, b, relu=True, split_k=2)
+
+
+def test_heuristic_config_is_cached_but_returns_a_fresh_dict():
+    a = heuristic_config(8192, 4096, 4096, 2)
+    a["BLOCK_M"] = 1
+    assert heuristic_config(8192, 4096, 4096, 2)["BLOCK_M"] == 128
+
+
+def test_heuristic_avoids_the_tiles_ptxas_serialises():
+    """The sm_90 gate's findings (triton 3.6): 128x256x64/8/3 serialises wgmma (C7515);
+    a single K step of 64 with 3 stages caps the memory-bound GEMM's blocks per SM."""
+    big = heuristic_config(8192, 4096, 4096, 2)
+    assert (big["BLOCK_M"], big["BLOCK_N"], big["BLOCK_K"], big["num_warps"],
+            big["num_stages"]) == (128, 128, 64, 8, 4)
+    thin = heuristic_config(262144, 64, 64, 2)
+    assert (thin["BLOCK_M"], thin["BLOCK_N"], thin["BLOCK_K"], thin["num_stages"]) == \
+        (128, 64, 16, 4)
 
 
 def test_split_k_count_fills_the_gpu_only_when_tiles_are_few():
