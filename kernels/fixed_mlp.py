@@ -18,11 +18,11 @@ import triton.language as tl
 
 from . import halve
 from .gemm import fused_gemm
-from .halve import _round_bf16
+from .halve import _round_bf16, _write_partials
 from .runtime import device_guard, dot_precision, interpreting
 
 FUSED_MAX_D = 64
-PART_ROW = 3  # [sum |y|, sum |y| * 2**-64, sum y] per program
+PART_ROW = halve.SUM_COLS  # [sum |y|, sum |y| * 2**-64, sum y, exact halvings]
 
 
 @triton.jit
@@ -99,11 +99,8 @@ def _fixed_mlp_fwd_kernel(
     if WRITE_Y:
         tl.store(y_ptr + offs, _bits_of(y, FMT).to(y_ptr.dtype.element_ty), mask=md_ok)
     if PARTIALS:
-        a = tl.where(md_ok, tl.abs(y), 0.0)
-        row = part_ptr + pid.to(tl.int64) * 3
-        tl.store(row, tl.sum(tl.sum(a, axis=1), axis=0))
-        tl.store(row + 1, tl.sum(tl.sum(a * 5.421010862427522e-20, axis=1), axis=0))
-        tl.store(row + 2, tl.sum(tl.sum(tl.where(md_ok, y, 0.0), axis=1), axis=0))
+        _write_partials(part_ptr + pid.to(tl.int64) * PART_ROW, _bits_of(y, FMT), md_ok, FMT,
+                        True, False)
 
 
 def _fused_config(d):
@@ -137,7 +134,7 @@ def fixed_mlp_fwd(x, weight, bias, rand_weight, c, threshold_d, reduce_sum, save
     h2 = torch.empty((M, d) if save_h2 else (0,), device=x.device, dtype=x.dtype)
     dp, block_m, warps = _fused_config(d)
     P = triton.cdiv(M, block_m)
-    part = torch.empty((P, PART_ROW), device=x.device, dtype=torch.float32)
+    part = torch.empty((P, PART_ROW.value), device=x.device, dtype=torch.float32)
     if P:
         upcast = interpreting() and x.dtype != torch.float32
         with device_guard(x):
@@ -152,9 +149,9 @@ def fixed_mlp_fwd(x, weight, bias, rand_weight, c, threshold_d, reduce_sum, save
     if fp16:
         return (*_halve_written(y, threshold_d, reduce_sum), h2)
     if reduce_sum:
-        k, out = halve.count_and_sum(part, threshold_d, x.dtype, row=PART_ROW)
+        k, out = halve.count_and_sum(part, threshold_d, x.dtype, row=PART_ROW.value)
         return out, k, h2
-    k = halve.halve_count(y, threshold_d, partials=part, row=PART_ROW)
+    k = halve.halve_count(y, threshold_d, partials=part, row=PART_ROW.value)
     return halve.halve_scale(y.view(-1), k, out=y.view(-1)).view(M, d), k, h2
 
 
