@@ -32,7 +32,8 @@ def test_bias_of_any_layout(backend, d, layout, reduce):
     ref, k64 = halve_until_loop(y64)
     f32 = [t.to(device=backend, dtype=torch.float32) for t in (x, w, r)]
     b32 = b.to(dtype=torch.float32)
-    b32 = {"expanded": b32[:1].clone().expand(d),  # storage of one element "step2": b32.repeat_interleave(2)[1::2],
+    b32 = {"expanded": b32[:1].clone().expand(d),  # a storage of one element
+           "step2": b32.repeat_interleave(2)[1::2],
            "column": b32[:, None].repeat(1, 3)[:, 1]}[layout].to(backend)
     assert b32.stride(0) == {"expanded": 0, "step2": 2, "column": 3}[layout]
     out, k = F.fixed_hidden_mlp(f32[0], f32[1], b32, f32[2], reduce=reduce, return_count=True)
