@@ -278,9 +278,9 @@ def test_device_side_count_equals_host_count():
         xs = random_cases(dtype, 24, gen) + [torch.full((5,), 3e38, dtype=dtype)]
         for x in xs:
             t = H.threshold_in(dtype, 1.0)
-            assert int(H.torch_count(x, t, host_reads=False)) == seed_loop(x)[1]
+            assert int(H.torch_count(x, t)) == seed_loop(x)[1]
     for x in fp16_subnormal_sums():
-        assert int(H.torch_count(x, 1.0, host_reads=False)) == seed_loop(x)[1]
+        assert int(H.torch_count(x, 1.0)) == seed_loop(x)[1]
 
 
 @pytest.mark.parametrize("case, exc, words", [

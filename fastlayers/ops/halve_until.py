@@ -17,8 +17,8 @@ k = #{j >= 0 : S_j > t} halvings with y = h^k(x) (:func:`halve_bits`).
 * NaN in x: k = 0, y = x (the seed's ``NaN > t`` is False). ±inf in x (the seed never
   ends): k = K_FOREVER and y is the loop's limit (finite elements -> signed zeros).
 
-CUDA tensors cost no device-to-host copy (the count stays on the device); CPU tensors use
-a host read to skip the window when no element can round.
+CUDA tensors cost no device-to-host copy (the count stays on the device); CPU tensors
+take the first case with host reads and one multiply (:func:`_cpu_common_case`).
 """
 import functools
 import math
@@ -40,7 +40,6 @@ except ImportError:  # no triton: use_triton() is then always False
 
 K_FOREVER = torch.iinfo(torch.int32).max  # "the loop never ends"; == kernels.halve.K_FOREVER
 _SCALE_DOWN = 64  # the overflow fallback sums |x| * 2**-64 (a finite sum for any finite x)
-_SLACK = 900  # CPU shortcut only for k0 <= this (tiny * 2**k0 must stay a finite float)
 
 
 def threshold_in(dtype: torch.dtype, threshold: float) -> float:
@@ -98,11 +97,9 @@ def _halvings(s: Tensor, t: float) -> Tensor:
     return (sb >> 52) - (tb >> 52) + ((sb & low) > (tb & low)).long()
 
 
-def torch_count(x: Tensor, t: float, host_reads: bool = None) -> Tensor:
+def torch_count(x: Tensor, t: float) -> Tensor:
     """The loop's halving count (int32 0-dim on x's device) for x of any shape and a
-    threshold t already in x's dtype (a positive normal number or inf). host_reads
-    (default: x is on the CPU) allows host reads to skip the window; without them the
-    count has no device-to-host copy (the CUDA route)."""
+    threshold t already in x's dtype (a positive normal number or inf); no host read."""
     a = x.abs()
     s0 = a.sum()  # torch's own sum in x's dtype: the seed's first comparison
     acc = torch.float32 if x.element_size() == 2 else x.dtype
@@ -112,11 +109,6 @@ def torch_count(x: Tensor, t: float, host_reads: bool = None) -> Tensor:
         s0 < math.inf, _halvings(s0, t),
         torch.where(s1 < math.inf, (_halvings(s1, t) + _SCALE_DOWN).clamp_min(0), forever)))
     k0 = torch.where(torch.isnan(s0), 0, k0)
-    if x.device.type == "cpu" if host_reads is None else host_reads:  # skip the window
-        kk = int(k0)
-        if kk in (0, K_FOREVER) or (kk <= _SLACK and float(s0) < math.inf and float(
-                torch.where(a > 0, a, math.inf).amin()) >= torch.finfo(x.dtype).tiny * 2.0 ** kk):
-            return k0.to(torch.int32)
     below = window_below(x.numel(), x.dtype, t)
     lo = (k0 - 1 - below).clamp(0, K_FOREVER)
     k = lo
@@ -175,6 +167,23 @@ def scale_grad(g: Tensor, k: Tensor) -> Tensor:
     return (g.to(wide) * pow2(k1) * pow2(k2) * pow2(k_last)).to(g.dtype)
 
 
+def _cpu_common_case(x: Tensor, t: float):
+    """(y, k) on a CPU tensor when no element rounds (else None): the rule's first case
+    with host reads (free there) and y = x * 2**-k as one exact multiply. Measured paired
+    (median of 15 interleaved rounds, shared 2-core CPU, noisy): the device route
+    (torch_count + halve_bits) costs 28x this at 2x20 fp32 and 93x at 4096x20."""
+    a = x.abs()
+    s0 = float(a.sum())
+    if not s0 > t:  # s0 <= t, or NaN: the loop never runs
+        return x.clone(memory_format=torch.contiguous_format), 0
+    (sm, se), (tm, te) = math.frexp(s0), math.frexp(t)
+    k = se - te + (sm > tm)  # _halvings on host floats
+    limit = 1022 if x.dtype == torch.float64 else 126  # 2**-k a normal multiplier
+    if s0 == math.inf or k > limit or float(a.amin()) < torch.finfo(x.dtype).tiny * 2.0 ** k:
+        return None
+    return x.contiguous() * 2.0 ** -k, k
+
+
 # ------------------------------------------------------------------------------ the op
 def _impl(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
     t = threshold_in(x.dtype, threshold)
@@ -182,6 +191,10 @@ def _impl(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
         flat = x.contiguous().view(-1)
         y, k = kernels.halve_until(flat, t)
         return y.view(x.shape), k
+    if x.device.type == "cpu":
+        done = _cpu_common_case(x, t)
+        if done is not None:
+            return done[0], torch.tensor(done[1], dtype=torch.int32)
     k = torch_count(x, t)  # on x's own layout: the loop's summation order
     return halve_bits(x.contiguous(), k), k  # y contiguous, as the fake kernel promises
 
