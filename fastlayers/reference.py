@@ -77,3 +77,16 @@ def centered(x, dims=()):
     if x.dtype in (torch.float16, torch.bfloat16):
         return (x - centered_mean(x, dims)).to(x.dtype)
     return x - (x.mean(dims, keepdim=True) if dims else x.mean())
+
+
+# ---------------------------------------------------------------- the seed's halving loop
+def halve_until_loop(x, threshold=1.0):
+    """(y, k): the seed's ``while X.abs().sum() > threshold: X /= 2`` literally, on a copy
+    of x, with its iteration count k. The oracle of ``fastlayers.functional.halve_until``
+    (it syncs once per iteration and never ends on ±inf: never call it on such input)."""
+    x = x.clone()
+    k = 0
+    while x.abs().sum() > threshold:
+        x /= 2
+        k += 1
+    return x, k

@@ -18,11 +18,11 @@ import triton.language as tl
 
 from . import halve
 from .gemm import fused_gemm
-from .halve import _round_bf16
+from .halve import _round_bf16, _write_partials
 from .runtime import device_guard, dot_precision, interpreting
 
 FUSED_MAX_D = 64
-PART_ROW = 3  # [sum |y|, sum |y| * 2**-64, sum y] per program
+PART_ROW = halve.SUM_COLS  # [sum |y|, sum |y| * 2**-64, sum y, exact halvings]
 
 
 @triton.jit
@@ -60,7 +60,7 @@ def _operand(v, dtype, UPCAST: tl.constexpr):
 @triton.jit
 def _fixed_mlp_fwd_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, h2_ptr, part_ptr,
-    M, D, stride_xm, stride_xk, stride_wn, stride_wk, stride_rk, stride_rn, c,
+    M, D, stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_rk, stride_rn, c,
     HAS_BIAS: tl.constexpr, FMT: tl.constexpr, WRITE_Y: tl.constexpr,
     SAVE_H2: tl.constexpr, PARTIALS: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, DP: tl.constexpr,
@@ -83,7 +83,7 @@ def _fixed_mlp_fwd_kernel(
     dtype = x_ptr.dtype.element_ty
     bias = tl.zeros([DP], dtype=tl.float32)
     if HAS_BIAS:
-        bias = tl.load(b_ptr + rd, mask=d_ok, other=0.0).to(tl.float32)
+        bias = tl.load(b_ptr + rd * stride_b, mask=d_ok, other=0.0).to(tl.float32)
 
     # Padded columns are zeroed after each stage: an inf times a padded 0 would be NaN.
     h1 = _round_to(tl.dot(x, wt, input_precision=PRECISION) + bias[None, :], FMT)
@@ -99,11 +99,8 @@ def _fixed_mlp_fwd_kernel(
     if WRITE_Y:
         tl.store(y_ptr + offs, _bits_of(y, FMT).to(y_ptr.dtype.element_ty), mask=md_ok)
     if PARTIALS:
-        a = tl.where(md_ok, tl.abs(y), 0.0)
-        row = part_ptr + pid.to(tl.int64) * 3
-        tl.store(row, tl.sum(tl.sum(a, axis=1), axis=0))
-        tl.store(row + 1, tl.sum(tl.sum(a * 5.421010862427522e-20, axis=1), axis=0))
-        tl.store(row + 2, tl.sum(tl.sum(tl.where(md_ok, y, 0.0), axis=1), axis=0))
+        _write_partials(part_ptr + pid.to(tl.int64) * PART_ROW, _bits_of(y, FMT), md_ok, FMT,
+                        True, False)
 
 
 def _fused_config(d):
@@ -115,7 +112,8 @@ def _fused_config(d):
 
 def fixed_mlp_fwd(x, weight, bias, rand_weight, c, threshold_d, reduce_sum, save_h2,
                   fp32_mode="ieee", path="auto"):
-    """(out, k, h2) for x [M, d], weight [d, d] (nn.Linear layout), bias [d] or None,
+    """(out, k, h2) for x [M, d], weight [d, d] (nn.Linear layout), bias [d] (any stride,
+    0 too) or None,
     rand_weight [d, d]; same device and dtype (fp32, fp16 or bf16).
 
     out: y halved k times [M, d], or its sum (0-dim) when reduce_sum. k: int32 0-dim (see
@@ -137,7 +135,7 @@ def fixed_mlp_fwd(x, weight, bias, rand_weight, c, threshold_d, reduce_sum, save
     h2 = torch.empty((M, d) if save_h2 else (0,), device=x.device, dtype=x.dtype)
     dp, block_m, warps = _fused_config(d)
     P = triton.cdiv(M, block_m)
-    part = torch.empty((P, PART_ROW), device=x.device, dtype=torch.float32)
+    part = torch.empty((P, PART_ROW.value), device=x.device, dtype=torch.float32)
     if P:
         upcast = interpreting() and x.dtype != torch.float32
         with device_guard(x):
@@ -145,16 +143,17 @@ def fixed_mlp_fwd(x, weight, bias, rand_weight, c, threshold_d, reduce_sum, save
                 x, weight, bias if bias is not None else weight, rand_weight,
                 y.view(bits), h2.view(bits), part,
                 M, d, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-                rand_weight.stride(0), rand_weight.stride(1), float(c),
+                bias.stride(0) if bias is not None else 0, rand_weight.stride(0),
+                rand_weight.stride(1), float(c),
                 HAS_BIAS=bias is not None, FMT=halve.FMT[x.dtype], WRITE_Y=write_y,
                 SAVE_H2=save_h2, PARTIALS=not fp16, PRECISION=dot_precision(x.dtype, fp32_mode),
                 UPCAST=upcast, BLOCK_M=block_m, DP=dp, num_warps=warps)
     if fp16:
         return (*_halve_written(y, threshold_d, reduce_sum), h2)
     if reduce_sum:
-        k, out = halve.count_and_sum(part, threshold_d, x.dtype, row=PART_ROW)
+        k, out = halve.count_and_sum(part, threshold_d, x.dtype, row=PART_ROW.value)
         return out, k, h2
-    k = halve.halve_count(y, threshold_d, partials=part, row=PART_ROW)
+    k = halve.halve_count(y, threshold_d, partials=part, row=PART_ROW.value)
     return halve.halve_scale(y.view(-1), k, out=y.view(-1)).view(M, d), k, h2
 
 
@@ -172,6 +171,7 @@ def _halve_written(y, threshold_d, reduce_sum):
 
 
 def _composed(x, weight, bias, rand_weight, c, threshold_d, reduce_sum, save_h2, fp32_mode):
+    bias = None if bias is None else bias.contiguous()  # fused_gemm reads bias contiguous
     h1 = fused_gemm(x, weight.t(), bias=bias, fp32_mode=fp32_mode)
     h2 = fused_gemm(h1, rand_weight, scalar=c, relu=True, fp32_mode=fp32_mode)
     y = fused_gemm(h2, weight.t(), bias=bias, fp32_mode=fp32_mode)

@@ -1,29 +1,29 @@
 """The seed's ``while x.abs().sum() > t: x /= 2`` without a device-to-host sync.
 
-Halving is exact in binary floating point until a result is subnormal, so the loop ends in
-``x`` halved ``k`` times, where ``k`` follows from one |x|-sum. Three launches, none waiting
-on the host:
+The count rule is the one of ``fastlayers.ops.halve_until`` (its docstring): k =
+#{j >= 0 : S_j > t}, S_j the sum of |x| halved j times element by element. Three launches,
+none waiting on the host:
 
-1. ``_halve_partials_kernel``: one row of partial sums per program (see ``NPART``).
-2. ``_halve_count_kernel`` (one program): the partials -> ``k`` (int32 in device memory).
-3. ``_halve_scale_kernel``: every element halved ``k`` times, bit-exactly like the loop:
-   a subnormal result is rounded at every halving (``_halve_bits``), as ``x /= 2`` does.
+1. ``_halve_partials_kernel``: one row of partials per program (columns ``COL_*``).
+2. ``_halve_count_kernel`` (one program): the rows -> ``k`` (int32 in device memory).
+3. ``_halve_scale_kernel``: every element halved ``k`` times, bit-exactly like the loop.
 
-How ``k`` is found (``t`` = the threshold rounded to x's dtype, as torch's comparison does):
+How the count kernel evaluates the rule (``t`` = the threshold rounded to x's dtype):
 
-* fp32 / bf16: ``s`` = fp32 sum of |x| (this kernel's order), rounded to x's dtype;
-  ``k = min{j >= 0 : s * 2**-j <= t}``, read from the exponents and mantissas of ``s`` and
-  ``t``. When ``s`` overflows to inf but every element is finite, the sum of |x| * 2**-64
-  (which cannot overflow) takes its place with 64 added to ``k``.
-* fp16: every fp16 value is an integer N of quanta 2**-24, so the loop's sum after j
-  halvings, sum_i h^j(N_i), is computed EXACTLY for all j from per-bit counts:
-  h^j(N) = (N >> j) + carry_j(N), where carry_j(N) is bit j of the carry vector of
-  N + (N >> 1) (repeated round-half-even halving is an addition's carry chain).
-  This matters for fp16: elements reach the subnormal range (< 2**-14) after a few
-  halvings, and their per-step rounding moves the sum. Each sum is then rounded once to
-  fp32 and once to fp16, as torch's fp32-accumulated fp16 sum is.
-* NaN anywhere: ``k = 0`` (the seed's ``NaN > t`` is False: it stops at once).
-* ±inf anywhere (and no NaN): the seed's loop never ends. ``k = K_FOREVER`` and the scale
+* fp32 / bf16: ``S_0`` = this kernel's fp32 sum of |x| (rounded to bf16 for bf16) gives
+  k0 from the exponents and mantissas of ``S_0`` and ``t``. If an element rounds within
+  k0 halvings (the smallest trailing-zero count of any element, in units of the smallest
+  subnormal, is below k0) or ``S_0`` overflowed, the window of sums S_j around k0
+  (``fastlayers.ops.halve_until.window_below``) is evaluated by re-reading x in the count
+  program; rare for these formats (an element must reach the subnormal range).
+* fp16: elements reach the subnormal range (< 2**-14) after a few halvings, so rounding
+  is the common case, and a one-program window pass would be slow. Instead every fp16
+  |x| is an integer N of quanta 2**-24 with N < 2**40, so S_j is computed EXACTLY for all
+  j from per-bit counts in the partials pass: h^j(N) = (N >> j) + carry_j(N), carry_j(N)
+  bit j of the carry vector of N + (N >> 1) (repeated round-half-even halving is that
+  addition's carry chain); each S_j is rounded once to fp32 and once to fp16. fp32/bf16
+  magnitudes span 277/261 bits: too many columns, hence the window for them.
+* NaN anywhere: ``k = 0``. ±inf anywhere (and no NaN): ``k = K_FOREVER`` and the scale
   kernel returns the loop's limit: finite elements become zeros of their sign, ±inf stays.
 """
 import struct
@@ -34,22 +34,42 @@ import triton.language as tl
 
 from .runtime import device_guard
 
-K_FOREVER = 2 ** 31 - 1  # "the loop never ends" (an input holds ±inf)
-K_FOREVER_C = tl.constexpr(K_FOREVER)
-# Partials row: [sum |x| (fp32), sum |x| * 2**-64 (fp32), sum x (fp32, only for
-# SIGNED), 64 counts of each bit of N, 64 counts of each bit of the carries of N + N>>1]
-# (the counts only for fp16).
-NPART = 3 + 64 + 64
+K_FOREVER = torch.iinfo(torch.int32).max  # "the loop never ends" (an input holds ±inf)
 FMT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 BITS_DTYPE = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-_TWO_M64 = 2.0 ** -64
-FMAX = tl.constexpr(3.4028234663852886e+38)  # largest finite fp32: x > FMAX means +inf
-_QUANTUM16 = 2.0 ** -24
+SCALE_DOWN = tl.constexpr(64)  # overflow fallback: sum |x| * 2**-64 (finite for finite x)
+_K_FOREVER = tl.constexpr(K_FOREVER)
+_TWO_M_SCALE = tl.constexpr(2.0 ** -SCALE_DOWN.value)
+_FMAX = tl.constexpr(torch.finfo(torch.float32).max)  # s > _FMAX means s = +inf
+_NO_ROUNDING = tl.constexpr(1 << 20)  # trailing zeros of 0, ±inf, NaN: more than any k0
+
+# Columns of a partials row (constexpr: the kernels index with them; .value on the host).
+# The fused FixedHiddenMLP kernel writes the first SUM_COLS.
+COL_ABS = tl.constexpr(0)  # sum |x| (fp32)
+COL_ABS_SCALED = tl.constexpr(1)  # sum |x| * 2**-SCALE_DOWN
+COL_SIGNED = tl.constexpr(2)  # sum x (only for SIGNED partials)
+COL_ZMIN = tl.constexpr(3)  # least trailing-zero count (exact halvings) of any element
+SUM_COLS = tl.constexpr(4)
+FP16_BITS = tl.constexpr(64)  # N < 2**40 and the carries of N + (N >> 1) fit one int64
+COL_BITS = tl.constexpr(SUM_COLS.value)  # FP16_BITS counts of each bit of N
+COL_CARRIES = tl.constexpr(COL_BITS.value + FP16_BITS.value)  # ... of each carry bit
+NPART = tl.constexpr(COL_CARRIES.value + FP16_BITS.value)
+
+
+@triton.jit
+def _format(FMT: tl.constexpr):
+    """(fraction bits, all-ones biased exponent) of fp32 (0), fp16 (1), bf16 (2)."""
+    if FMT == 0:
+        return 23, 255
+    elif FMT == 1:
+        return 10, 31
+    else:
+        return 7, 255
 
 
 @triton.jit
 def _load_bits(bits_ptr, offs, mask, FMT: tl.constexpr):
-    """Raw bits of x as non-negative int32 for 16-bit formats (int32 as is for fp32)."""
+    """Raw bits of x as non-negative int32 (16-bit formats in the low half)."""
     u = tl.load(bits_ptr + offs, mask=mask, other=0)
     if FMT != 0:
         u = u.to(tl.int32) & 0xFFFF
@@ -58,50 +78,84 @@ def _load_bits(bits_ptr, offs, mask, FMT: tl.constexpr):
 
 @triton.jit
 def _magnitude_bits(u, FMT: tl.constexpr):
-    if FMT == 0:
-        return u & 0x7FFFFFFF
-    else:
-        return u & 0x7FFF
+    P, EMAX = _format(FMT)
+    return u & ((EMAX << P) | ((1 << P) - 1))
 
 
 @triton.jit
 def _to_f32(u, FMT: tl.constexpr):
-    """The value of bits ``u`` (fp32/fp16/bf16) as fp32, exactly, by integer decoding
-    (the interpreter cannot compute on bf16 values)."""
+    """The value of bits ``u`` as fp32, exactly, by integer decoding (the interpreter
+    cannot compute on bf16 values)."""
     if FMT == 0:
         return u.to(tl.float32, bitcast=True)
     elif FMT == 2:
         return (u << 16).to(tl.float32, bitcast=True)
-    else:
+    else:  # fp16: rebias the exponent (15 -> 127); subnormals are f * 2**-24
         s = (u & 0x8000) << 16
         E = (u >> 10) & 0x1F
         f = u & 0x3FF
-        normal = s | (tl.where(E == 31, 255, E + 112) << 23) | (f << 13)
-        sub = f.to(tl.float32) * 5.9604644775390625e-08  # f * 2**-24, exact
+        normal = s | (tl.where(E == 31, 255, E + (127 - 15)) << 23) | (f << 13)
+        sub = f.to(tl.float32) * 5.9604644775390625e-08  # 2**-24
         return tl.where(E == 0, tl.where(s != 0, -sub, sub), normal.to(tl.float32, bitcast=True))
 
 
 @triton.jit
-def _block_partials(u, mask, row_ptr, FMT: tl.constexpr, SIGNED: tl.constexpr,
+def _significand(mag, FMT: tl.constexpr):
+    """(m, e): |x| = m * 2**e quanta (m with its implicit bit, e = max(E - 1, 0))."""
+    P, EMAX = _format(FMT)
+    E = mag >> P
+    m = tl.where(E > 0, (mag & ((1 << P) - 1)) | (1 << P), mag)
+    return m, tl.maximum(E - 1, 0)
+
+
+@triton.jit
+def _trailing_zeros(mag, FMT: tl.constexpr):
+    """Halvings of |x| that stay exact: trailing zero bits of its integer of quanta
+    (_NO_ROUNDING for 0, ±inf, NaN)."""
+    P, EMAX = _format(FMT)
+    m, e = _significand(mag, FMT)
+    lowest = (m & -m).to(tl.float32).to(tl.int32, bitcast=True)  # a power of two < 2**24
+    z = (lowest >> 23) - 127 + e
+    return tl.where((m == 0) | ((mag >> P) == EMAX), _NO_ROUNDING, z)
+
+
+@triton.jit
+def _halve_bits(u, k, FMT: tl.constexpr):
+    """Bits of x halved k times, rounded half to even at every step like ``x /= 2`` (the
+    formula of ``fastlayers.ops.halve_until.halve_bits``). ±inf and NaN are unchanged."""
+    P, EMAX = _format(FMT)
+    mag = _magnitude_bits(u, FMT)
+    m, e = _significand(mag, FMT)
+    r = tl.minimum(tl.maximum(k - e, 0), P + 2)  # r >= P + 2 rounds every m to 0
+    M = (1 << r) - 1
+    sub = (m >> r) + (((m & M) + ((m >> 1) & M)) >> r)
+    res = tl.where(k <= e, mag - (tl.minimum(k, EMAX) << P), sub)
+    return (u ^ mag) | tl.where((mag >> P) == EMAX, mag, res)
+
+
+@triton.jit
+def _write_partials(row_ptr, u, mask, FMT: tl.constexpr, SIGNED: tl.constexpr,
                     EXACT16: tl.constexpr):
-    """Write one partials row for the elements with bits ``u`` (masked lanes ignored)."""
+    """One partials row for the elements with bits ``u`` (2-D block; masked lanes ignored)."""
     mag = _magnitude_bits(u, FMT)
     a = tl.where(mask, _to_f32(mag, FMT), 0.0)
-    tl.store(row_ptr, tl.sum(a, axis=0))
-    tl.store(row_ptr + 1, tl.sum(a * 5.421010862427522e-20, axis=0))  # 2**-64
+    tl.store(row_ptr + COL_ABS, tl.sum(tl.sum(a, axis=1), axis=0))
+    tl.store(row_ptr + COL_ABS_SCALED, tl.sum(tl.sum(a * _TWO_M_SCALE, axis=1), axis=0))
     if SIGNED:
-        tl.store(row_ptr + 2, tl.sum(tl.where(mask, _to_f32(u, FMT), 0.0), axis=0))
+        v = tl.where(mask, _to_f32(u, FMT), 0.0)
+        tl.store(row_ptr + COL_SIGNED, tl.sum(tl.sum(v, axis=1), axis=0))
+    z = tl.where(mask, _trailing_zeros(mag, FMT), _NO_ROUNDING)
+    tl.store(row_ptr + COL_ZMIN, tl.min(tl.min(z, axis=1), axis=0).to(tl.float32))
     if EXACT16:
-        E = mag >> 10
-        f = mag & 0x3FF
-        m = tl.where(E == 0, f, f | 0x400).to(tl.int64)
-        n = tl.where(mask & (E < 31), m << tl.maximum(E - 1, 0).to(tl.int64), 0)
+        m, e = _significand(mag, FMT)
+        n = tl.where(mask & ((mag >> 10) < 31), m.to(tl.int64) << e.to(tl.int64), 0)
+        n = tl.reshape(n, [n.numel])
         q = n ^ (n >> 1) ^ (n + (n >> 1))  # carry into each bit of n + (n >> 1)
-        b = tl.arange(0, 64).to(tl.int64)
-        cn = tl.sum(((n[:, None] >> b[None, :]) & 1).to(tl.int32), axis=0)
-        cq = tl.sum(((q[:, None] >> b[None, :]) & 1).to(tl.int32), axis=0)
-        tl.store(row_ptr + 3 + b, cn.to(tl.float32))
-        tl.store(row_ptr + 67 + b, cq.to(tl.float32))
+        b = tl.arange(0, FP16_BITS).to(tl.int64)
+        tl.store(row_ptr + COL_BITS + b,
+                 tl.sum(((n[:, None] >> b[None, :]) & 1).to(tl.int32), axis=0).to(tl.float32))
+        tl.store(row_ptr + COL_CARRIES + b,
+                 tl.sum(((q[:, None] >> b[None, :]) & 1).to(tl.int32), axis=0).to(tl.float32))
 
 
 @triton.jit
@@ -111,7 +165,8 @@ def _halve_partials_kernel(bits_ptr, part_ptr, n, FMT: tl.constexpr, SIGNED: tl.
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     u = _load_bits(bits_ptr, offs, mask, FMT)
-    _block_partials(u, mask, part_ptr + pid.to(tl.int64) * 131, FMT, SIGNED, EXACT16)
+    _write_partials(part_ptr + pid.to(tl.int64) * NPART, u[None, :], mask[None, :], FMT,
+                    SIGNED, EXACT16)
 
 
 @triton.jit
@@ -124,8 +179,8 @@ def _round_bf16(s):
 
 @triton.jit
 def _halvings(s, tb):
-    """min{j : s * 2**-j <= t} (may be negative) for positive normal fp32 s and t, where
-    tb is the int32 bit pattern of t."""
+    """min{j : s * 2**-j <= t} (may be negative) for positive normal fp32 s and t; tb is
+    t's int32 bit pattern."""
     sb = s.to(tl.int32, bitcast=True)
     return (sb >> 23) - (tb >> 23) + ((sb & 0x7FFFFF) > (tb & 0x7FFFFF)).to(tl.int32)
 
@@ -137,80 +192,87 @@ def _pow2(e):
 
 
 @triton.jit
-def _halve_count_kernel(part_ptr, k_ptr, out_ptr, P, t, t_bits, ROW: tl.constexpr,
-                        FMT: tl.constexpr, EXACT16: tl.constexpr, SUM: tl.constexpr,
-                        BLOCK_P: tl.constexpr):
-    """k from P partials rows of ROW floats; with SUM also out = (sum x rounded to x's
-    dtype) * 2**-k. t: the threshold (fp32), t_bits: its int32 bit pattern."""
-    s0 = 0.0
-    s1 = 0.0
-    s2 = 0.0
-    b = tl.arange(0, 64)
-    cn = tl.zeros([64], dtype=tl.float64)
-    cq = tl.zeros([64], dtype=tl.float64)
+def _window_below(n, t):
+    """D of ``fastlayers.ops.halve_until.window_below``: 2**(D+1) >= 1.02 + 1.01 n q / t,
+    q = 2**-149 (fp32; bf16's q is larger, passed scaled in ``t``)."""
+    r = 1.02 + 1.01 * n.to(tl.float32) * (1.401298464324817e-45 / t)
+    rb = r.to(tl.int32, bitcast=True)
+    return tl.maximum((rb >> 23) - 127 + ((rb & 0x7FFFFF) != 0).to(tl.int32) - 1, 0)
+
+
+@triton.jit
+def _halve_count_kernel(part_ptr, bits_ptr, k_ptr, out_ptr, P, n, t, t_bits, t_window,
+                        ROW: tl.constexpr, FMT: tl.constexpr, EXACT16: tl.constexpr,
+                        SUM: tl.constexpr, WINDOW: tl.constexpr, BLOCK_P: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """k from P partials rows of ROW floats (vector accumulators, one reduction at the
+    end: no barrier per iteration); WINDOW: re-read x's n elements at ``bits_ptr`` when an
+    element rounds. SUM: also out = (sum x rounded to x's dtype) * 2**-k. t: the threshold
+    (fp32), t_bits: its bits; t_window: t * 2**-149 / q (q: x's smallest subnormal)."""
+    acc0 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    zmin = tl.full([BLOCK_P], _NO_ROUNDING, dtype=tl.float32)
+    b = tl.arange(0, FP16_BITS)
+    cn = tl.zeros([BLOCK_P, FP16_BITS], dtype=tl.float64)
+    cq = tl.zeros([BLOCK_P, FP16_BITS], dtype=tl.float64)
     for start in range(0, P, BLOCK_P):
         rows = (start + tl.arange(0, BLOCK_P)).to(tl.int64)
         ok = rows < P
         row = part_ptr + rows * ROW
-        s0 += tl.sum(tl.load(row, mask=ok, other=0.0), axis=0)
-        s1 += tl.sum(tl.load(row + 1, mask=ok, other=0.0), axis=0)
+        acc0 += tl.load(row + COL_ABS, mask=ok, other=0.0)
+        acc1 += tl.load(row + COL_ABS_SCALED, mask=ok, other=0.0)
+        zmin = tl.minimum(zmin, tl.load(row + COL_ZMIN, mask=ok, other=_NO_ROUNDING))
         if SUM:
-            s2 += tl.sum(tl.load(row + 2, mask=ok, other=0.0), axis=0)
+            acc2 += tl.load(row + COL_SIGNED, mask=ok, other=0.0)
         if EXACT16:
-            cn += tl.sum(tl.load(row[:, None] + 3 + b[None, :], mask=ok[:, None],
-                                 other=0.0).to(tl.float64), axis=0)
-            cq += tl.sum(tl.load(row[:, None] + 67 + b[None, :], mask=ok[:, None],
-                                 other=0.0).to(tl.float64), axis=0)
+            cn += tl.load(row[:, None] + COL_BITS + b[None, :], mask=ok[:, None],
+                          other=0.0).to(tl.float64)
+            cq += tl.load(row[:, None] + COL_CARRIES + b[None, :], mask=ok[:, None],
+                          other=0.0).to(tl.float64)
+    s0 = tl.sum(acc0, axis=0)
+    s1 = tl.sum(acc1, axis=0)
     if EXACT16:
-        # sum_i h^j(N_i) = sum_{b >= j} count_b * 2**(b - j) + carries_j, exact in fp64
+        # S_j in quanta = sum_{b >= j} count_b * 2**(b - j) + carries_j, exact in fp64
         j = b[:, None]
         bb = b[None, :]
         pw = tl.where(bb >= j, ((bb - j + 1023).to(tl.int64) << 52).to(tl.float64, bitcast=True),
                       0.0)
-        total = tl.sum(cn[None, :] * pw, axis=1) + cq
+        total = tl.sum(tl.sum(cn, axis=0)[None, :] * pw, axis=1) + tl.sum(cq, axis=0)
         t16 = (total * 5.9604644775390625e-08).to(tl.float32).to(tl.float16).to(tl.float32)
         k = tl.sum((t16 > t).to(tl.int32), axis=0)
-        k = tl.where(s0 > FMAX, tl.where(t > FMAX, 0, K_FOREVER_C), k)
-        k = tl.where(s0 != s0, 0, k)
+        k = tl.where(s0 > _FMAX, tl.where(t > _FMAX, 0, _K_FOREVER), k)
     else:
         if FMT == 2:
             s0 = _round_bf16(s0)
             s1 = _round_bf16(s1)
-        k_big = tl.where(s1 <= FMAX, tl.maximum(_halvings(s1, t_bits) + 64, 0), K_FOREVER_C)
-        k = tl.where(s0 <= t, 0, tl.where(s0 <= FMAX, _halvings(s0, t_bits), k_big))
-        k = tl.where(s0 != s0, 0, k)
+        k_big = tl.where(s1 <= _FMAX, tl.maximum(_halvings(s1, t_bits) + SCALE_DOWN, 0),
+                         _K_FOREVER)
+        k = tl.where(s0 <= t, 0, tl.where(s0 <= _FMAX, _halvings(s0, t_bits), k_big))
+        if WINDOW:
+            rounds = (tl.min(zmin, axis=0) < k.to(tl.float32)) | (s0 > _FMAX)
+            if rounds & (k != _K_FOREVER) & (s0 == s0):
+                lo = tl.maximum(k - 1 - _window_below(n, t_window), 0)
+                k = lo
+                for i in range(0, _window_below(n, t_window) + 3):
+                    acc = tl.zeros([BLOCK], dtype=tl.float32)
+                    for st in range(0, n, BLOCK):
+                        offs = st + tl.arange(0, BLOCK).to(tl.int64)
+                        u = _magnitude_bits(_load_bits(bits_ptr, offs, offs < n, FMT), FMT)
+                        acc += _to_f32(_halve_bits(u, lo + i, FMT), FMT)
+                    s = tl.sum(acc, axis=0)
+                    if FMT == 2:
+                        s = _round_bf16(s)
+                    k = tl.where(s > t, lo + i + 1, k)
+    k = tl.where(s0 != s0, 0, k)
     tl.store(k_ptr, k)
     if SUM:
+        s2 = tl.sum(acc2, axis=0)
         if FMT == 2:
             s2 = _round_bf16(s2)
         k1 = tl.minimum(k, 126)
-        k2 = tl.minimum(k - k1, 126)
-        scaled = s2 * _pow2(-k1) * _pow2(-k2)
-        tl.store(out_ptr, tl.where(k == K_FOREVER_C, s2, scaled).to(out_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _halve_bits(u, k, FMT: tl.constexpr):
-    """Bits of x halved k times with round-half-even at every step, like ``x /= 2`` k times.
-
-    With x = m * 2**e quanta (m the significand with its implicit bit): while e >= k every
-    halving is exact (the exponent drops by k); past that the r = k - e remaining roundings
-    of the integer m give (m >> r) + (((m & M) + ((m >> 1) & M)) >> r), M = 2**r - 1.
-    ±inf and NaN are returned unchanged.
-    """
-    P: tl.constexpr = 23 if FMT == 0 else (10 if FMT == 1 else 7)
-    EMAX: tl.constexpr = 31 if FMT == 1 else 255
-    mag = _magnitude_bits(u, FMT)
-    sign = u ^ mag
-    E = mag >> P
-    e = tl.maximum(E - 1, 0)
-    m = tl.where(E > 0, (mag & ((1 << P) - 1)) | (1 << P), mag)
-    r = tl.minimum(tl.maximum(k - e, 0), 30)
-    M = (1 << r) - 1
-    sub = (m >> r) + (((m & M) + ((m >> 1) & M)) >> r)
-    res = tl.where(k <= e, mag - (tl.minimum(k, 255) << P), sub)
-    res = tl.where(E == EMAX, mag, res)
-    return sign | res
+        scaled = s2 * _pow2(-k1) * _pow2(-tl.minimum(k - k1, 126))
+        tl.store(out_ptr, tl.where(k == _K_FOREVER, s2, scaled).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -223,30 +285,35 @@ def _halve_scale_kernel(bits_ptr, out_ptr, k_ptr, n, FMT: tl.constexpr, BLOCK: t
 
 
 def _block(dtype):
-    return 256 if dtype == torch.float16 else 1024
+    return 256 if dtype == torch.float16 else 1024  # fp16: [BLOCK, 64] bit-count tiles
 
 
-def halve_count(x_flat, threshold_d, partials=None, row=NPART):
-    """k (int32, 0-dim, on x's device) for a contiguous fp32/fp16/bf16 tensor.
+def _f32_bits(value):
+    return struct.unpack("<i", struct.pack("<f", value))[0]
 
-    threshold_d: the threshold already rounded to x's dtype (a positive normal number or
-    inf). partials: optional precomputed [P, row] fp32 partials of x (fp32/bf16 only need
-    the first two columns; fp16 needs all NPART).
-    """
-    k = torch.empty((), device=x_flat.device, dtype=torch.int32)
-    if partials is None:
-        partials, row = halve_partials(x_flat.view(-1)), NPART
-    _launch_count(partials, row, k, k, threshold_d, x_flat.dtype, False)
-    return k
+
+def _launch_count(partials, row, k, out, threshold_d, dtype, signed_sum, x_flat=None):
+    """x_flat: the tensor the partials describe, for the window (None: no window; the
+    count then assumes that no element rounds)."""
+    fi = torch.finfo(dtype)
+    q_ratio = 2.0 ** -149 / (fi.tiny * fi.eps)  # t * q_ratio = t * 2**-149 / q
+    window = x_flat is not None and dtype != torch.float16
+    with device_guard(partials):
+        _halve_count_kernel[(1,)](
+            partials, x_flat.view(BITS_DTYPE[dtype]) if window else partials, k, out,
+            partials.shape[0], x_flat.numel() if window else 0, float(threshold_d),
+            _f32_bits(threshold_d), float(threshold_d) * q_ratio, ROW=row, FMT=FMT[dtype],
+            EXACT16=dtype == torch.float16, SUM=signed_sum, WINDOW=window, BLOCK_P=64,
+            BLOCK=1024, num_warps=4)
 
 
 def halve_partials(x_flat, signed=False):
     """[P, NPART] fp32 partials of a contiguous 1-D tensor (P = number of programs);
-    signed: also the plain sum (column 2), for :func:`count_and_sum`."""
+    signed: also the plain sum (column COL_SIGNED), for :func:`count_and_sum`."""
     n = x_flat.numel()
     block = _block(x_flat.dtype)
     P = triton.cdiv(n, block)
-    part = torch.empty((P, NPART), device=x_flat.device, dtype=torch.float32)
+    part = torch.empty((P, NPART.value), device=x_flat.device, dtype=torch.float32)
     if P:
         with device_guard(x_flat):
             _halve_partials_kernel[(P,)](
@@ -255,22 +322,25 @@ def halve_partials(x_flat, signed=False):
     return part
 
 
-def _f32_bits(value):
-    return struct.unpack("<i", struct.pack("<f", value))[0]
+def halve_count(x_flat, threshold_d, partials=None, row=NPART.value):
+    """k (int32, 0-dim, on x's device) for a contiguous 1-D fp32/fp16/bf16 tensor.
+
+    threshold_d: the threshold already rounded to x's dtype (a positive normal number or
+    inf). partials: optional precomputed [P, row] fp32 partials of x (fp32/bf16 need the
+    first SUM_COLS columns; fp16 all NPART).
+    """
+    k = torch.empty((), device=x_flat.device, dtype=torch.int32)
+    if partials is None:
+        partials, row = halve_partials(x_flat), NPART.value
+    _launch_count(partials, row, k, k, threshold_d, x_flat.dtype, False, x_flat)
+    return k
 
 
-def _launch_count(partials, row, k, out, threshold_d, dtype, signed_sum):
-    with device_guard(partials):
-        _halve_count_kernel[(1,)](
-            partials, k, out, partials.shape[0], float(threshold_d), _f32_bits(threshold_d),
-            ROW=row, FMT=FMT[dtype],
-            EXACT16=dtype == torch.float16, SUM=signed_sum, BLOCK_P=64, num_warps=4)
-
-
-def count_and_sum(partials, threshold_d, dtype, row=NPART):
+def count_and_sum(partials, threshold_d, dtype, row=NPART.value):
     """(k, out): k as in :func:`halve_count`, out = the seed's ``X.sum()`` after halving,
     i.e. (sum x, fp32-accumulated, rounded to ``dtype``) * 2**-k, from SIGNED partials of
-    an fp32 or bf16 tensor."""
+    an fp32 or bf16 tensor. Without x itself no window is evaluated: exact unless an
+    element would round (a subnormal result) or |x|'s sum overflows."""
     k = torch.empty((), device=partials.device, dtype=torch.int32)
     out = torch.empty((), device=partials.device, dtype=dtype)
     _launch_count(partials, row, k, out, threshold_d, dtype, True)

@@ -1,0 +1,68 @@
+"""Numerics of the halving op that a plausible bug would break silently (issue 16): the
+bf16 rounding of the halving sum (ties to even, as torch rounds its fp32-accumulated sum)
+and the gradient factor 2**-k for every k, subnormal and beyond."""
+import math
+
+import pytest
+import torch
+
+from fastlayers import functional as F
+from fastlayers.ops import halve_until as H
+from fastlayers.reference import halve_until_loop
+
+
+@pytest.mark.parametrize("values, threshold, expected_k", [
+    ([1.0, 2.0 ** -8], 1.0, 0),  # sum 1 + 2**-8: a tie, to even 1.0 (away: 1 + 2**-7)
+    ([1.0, 3 * 2.0 ** -8], 1.0078125, 1),  # 1 + 3 * 2**-8: a tie, to even 1 + 2**-6
+    ([0.5, 2.0 ** -10, 2.0 ** -10], 0.5, 0),  # 0.5 + 2**-9: a tie, to even 0.5
+    ([96.0, 0.25], 96.0, 0),  # 96.25: a tie between 96 and 96.5, to even 96
+])
+def test_bf16_sum_rounds_ties_to_even_like_torch(backend, values, threshold, expected_k):
+    """The fp32 sum of these bf16 values is a tie between two bf16 numbers on either side
+    of the threshold: the count depends on rounding it half to even."""
+    x = torch.tensor(values, dtype=torch.bfloat16)
+    bits = int(torch.tensor(sum(values), dtype=torch.float32).view(torch.int32))
+    assert bits & 0xFFFF == 0x8000  # exactly halfway between two bf16 numbers
+    y, k = F.halve_until(x.to(backend), threshold, return_count=True)
+    ref, ref_k = halve_until_loop(x, threshold)
+    assert ref_k == expected_k and int(k) == ref_k
+    assert torch.equal(y.cpu(), ref)
+
+
+KS = [0, 1, 23, 126, 127, 128, 133, 140, 149, 150, 151, 200, 275, 276, 277, 278, 300, 600]
+
+
+def _exact_scaled(g, k):
+    """g * 2**-k rounded once to g's dtype (float64 holds every product exactly here)."""
+    if k == H.K_FOREVER:
+        return g * 0
+    if g.dtype == torch.float64:
+        return torch.tensor([math.ldexp(v, -k) for v in g.tolist()], dtype=torch.float64)
+    return (g.double() * 2.0 ** -k).to(g.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_scale_grad_is_g_times_two_to_minus_k_rounded_once(dtype):
+    gen = torch.Generator().manual_seed(16)
+    g = torch.randn(400, dtype=torch.float64, generator=gen) * torch.exp(
+        torch.randn(400, dtype=torch.float64, generator=gen) * 25)
+    g = g.to(dtype)
+    g = g[torch.isfinite(g) & (g != 0)]
+    for k in KS + [1021, 1022, 1023, 1074, 1075, H.K_FOREVER]:
+        got = H.scale_grad(g, torch.tensor(k, dtype=torch.int32))
+        want = _exact_scaled(g, k)
+        assert got.dtype == dtype
+        assert torch.equal(got, want), f"k={k}: {int((got != want).sum())} of {g.numel()} differ"
+
+
+@pytest.mark.parametrize("exponent", [100, 125, 126, 127])
+def test_gradient_for_large_counts(backend, exponent):
+    """x = 1.5 * 2**exponent takes exponent + 1 halvings to reach 1; its gradient factor
+    2**-(exponent + 1) is a subnormal fp32 number, not 0."""
+    x = torch.tensor([1.5 * 2.0 ** exponent, -3.0], device=backend).requires_grad_(True)
+    y, k = F.halve_until(x, return_count=True)
+    assert int(k) == halve_until_loop(x.detach().cpu())[1] == exponent + 1
+    g = torch.tensor([0.75, -3.0], device=backend)
+    y.backward(g)
+    want = (g.double() * 2.0 ** -int(k)).float()
+    assert torch.equal(x.grad, want) and bool((want != 0).all())
