@@ -85,11 +85,12 @@ def halve_until(x: Tensor, threshold: float = 1.0, return_count: bool = False):
 
     Returns y (x's shape and dtype), or (y, k) with return_count (k: int32 0-dim tensor on
     x's device). For every finite input y is bitwise the loop's result whenever both see
-    the same |x|-sum: torch's own ``x.abs().sum()`` on the torch path (so the same device
-    gives the loop's count exactly), the kernel's fp32 partial sums on the Triton path
-    (another summation order: a sum within rounding of threshold * 2**j can differ), and
-    for fp16 on both paths the exact sum of the halved elements (fp16 elements go
-    subnormal and round at each halving; see fastlayers.kernels.halve). The threshold is
+    the same |x|-sums: k from one reduction, plus the loop's sums at a few counts around it
+    when elements reach the subnormal range (each halving of a subnormal rounds). The torch
+    path uses torch's own sums (the same device gives the loop's count exactly); the
+    Triton path its fp32 partial sums (another summation order: a sum within rounding of
+    threshold * 2**j can differ), exact bit counts for fp16, and a window pass for
+    fp32/bf16 (see fastlayers.kernels.halve). The threshold is
     rounded to x's dtype as torch's comparison rounds it and must be >= the dtype's
     smallest normal number. A finite input whose fp32 |x|-sum overflows still gets the
     loop's answer. NaN in x: the loop stops at once, y = x, k = 0. ±inf in x: the loop

@@ -66,3 +66,10 @@ def test_gradient_for_large_counts(backend, exponent):
     y.backward(g)
     want = (g.double() * 2.0 ** -int(k)).float()
     assert torch.equal(x.grad, want) and bool((want != 0).all())
+
+
+def test_k_forever_is_one_value_in_ops_and_kernels():
+    """K_FOREVER is written twice (ops must import without triton): one value."""
+    from fastlayers.ops import halve_until as ops_halve
+    kernels = pytest.importorskip("fastlayers.kernels.halve", reason="triton is not installed")
+    assert ops_halve.K_FOREVER == kernels.K_FOREVER == 2 ** 31 - 1

@@ -169,13 +169,13 @@ def test_nan_input_stops_at_once_like_the_seed(backend, dtype):
 
 
 def test_fastlayers_check_raises_on_inf(backend, monkeypatch):
-    monkeypatch.setenv("FASTLAYERS_CHECK", "1")
+    monkeypatch.setattr(fastlayers.settings, "check", True)
     x = torch.tensor([1.0, float("inf")], device=backend)
     with pytest.raises(ValueError, match="never end"):
         F.halve_until(x)
     y = F.halve_until(torch.tensor([4.0, float("nan")], device=backend))  # NaN: no error
     assert torch.isnan(y[1])
-    monkeypatch.setenv("FASTLAYERS_CHECK", "0")
+    monkeypatch.setattr(fastlayers.settings, "check", False)
     assert torch.equal(F.halve_until(x).cpu(), torch.tensor([0.0, float("inf")]))
 
 

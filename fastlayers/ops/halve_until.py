@@ -22,21 +22,18 @@ take the first case with host reads and one multiply (:func:`_cpu_common_case`).
 """
 import functools
 import math
-import os
 import struct
 from typing import Tuple
 
 import torch
 from torch import Tensor
 
-from .._backend import use_triton
+from .. import settings
+from .._backend import _torch_only_context, kernel_module, use_triton
 from .._validate import check_float
 from ._dispatch import call, needs_grad
 
-try:
-    from fastlayers.kernels import halve as kernels
-except ImportError:  # no triton: use_triton() is then always False
-    kernels = None
+kernels = kernel_module("halve")
 
 K_FOREVER = torch.iinfo(torch.int32).max  # "the loop never ends"; == kernels.halve.K_FOREVER
 _SCALE_DOWN = 64  # the overflow fallback sums |x| * 2**-64 (a finite sum for any finite x)
@@ -233,10 +230,37 @@ class HalveUntilFunction(torch.autograd.Function):
 op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class HalveUntilTransformFunction(torch.autograd.Function):
+    """:class:`HalveUntilFunction` for ``torch.func`` transforms and forward-mode AD: the
+    setup_context style functorch needs, a generated vmap rule and a jvp (tangent * 2**-k),
+    over tensor ops only (no host reads, so vmap can batch it; each sample gets its own k)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, threshold):
+        k = torch_count(x, threshold_in(x.dtype, threshold))
+        return halve_bits(x.contiguous(), k), k
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+        ctx.save_for_forward(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_k):
+        return scale_grad(grad_y, ctx.saved_tensors[0]), None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, _threshold_tangent):
+        return scale_grad(x_tangent, ctx.saved_tensors[0]), None
+
+
 # ------------------------------------------------------------------------- entry point
 def checks_enabled() -> bool:
-    """``FASTLAYERS_CHECK=1`` (read at every call): opt-in checks that may sync."""
-    return os.environ.get("FASTLAYERS_CHECK", "0").strip() not in ("", "0")
+    """``FASTLAYERS_CHECK`` (:mod:`fastlayers.settings`): opt-in checks that may sync."""
+    return settings.check
 
 
 def validate_threshold(opname: str, dtype: torch.dtype, threshold) -> float:
@@ -276,7 +300,9 @@ def halve_until(x: Tensor, threshold=1.0, return_count: bool = False):
     opname = "halve_until"
     check_float(opname, "input", x)
     threshold = validate_threshold(opname, x.dtype, threshold)
-    if needs_grad(x):
+    if _torch_only_context():  # torch.func transforms, forward-mode AD
+        y, k = HalveUntilTransformFunction.apply(x, threshold)
+    elif needs_grad(x):
         y, k = HalveUntilFunction.apply(x, threshold)
     else:
         y, k = call(op, _impl, x, threshold)
