@@ -31,14 +31,9 @@ MODULES = {
 # Backward is compiled too for these (each compile costs seconds on a 2-core CPU).
 WITH_GRAD = {"LinearReLU", "MyLinear", "CenteredLayer-dim", "FixedHiddenMatmul",
              "FixedHiddenMLP", "FixedHiddenMLP-sum", "MySequential"}
-_ISNAN = ("fastlayers/ops/halve_until.py validate_threshold calls math.isnan on the threshold, "
-          "which Dynamo cannot trace under dynamic=True (Unsupported: torch.* op returned "
-          "non-Tensor); being fixed in that file by the 'halve' branch")
-XFAIL = {"FixedHiddenMLP": _ISNAN, "FixedHiddenMLP-sum": _ISNAN}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
-    strict=True, reason=XFAIL[n])) if n in XFAIL else n for n in MODULES])
+@pytest.mark.parametrize("name", list(MODULES))
 def test_compile_dynamic_matches_eager(name):
     factory, features = MODULES[name]
     module = factory()
