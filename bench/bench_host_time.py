@@ -76,7 +76,7 @@ def stubbed_gpu_path():
     use_triton = _backend.use_triton
 
     def use_triton_as_cuda(t):  # _backend.use_triton's questions for a CUDA tensor
-        if t.dtype not in _backend.KERNEL_DTYPES or (_backend._backend == "auto"
+        if t.dtype not in _backend.KERNEL_DTYPES or (_backend.get_backend() == "auto"
                                                      and not t.is_cpu):
             return False
         path, reason = choice("cuda")
@@ -118,7 +118,7 @@ def _centered():
 
 
 def _fixed_mlp():
-    from fastlayers._seed import FixedHiddenMLP as SeedMLP
+    from fastlayers.tour.seed import FixedHiddenMLP as SeedMLP
     torch.manual_seed(0)
     ours = fastlayers.FixedHiddenMLP()
     seed = SeedMLP()
