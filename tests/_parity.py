@@ -3,6 +3,8 @@ composites as the oracle (never fastlayers' other path, never fastlayers.referen
 import torch
 import torch.nn.functional as torchF
 
+from fastlayers.reference import halve_until_loop
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # contiguous; transposed (column-major); every other element of a wider buffer, at an
 # offset; a view at a non-zero storage offset; stride 0 along the first dim (expanded).
@@ -60,14 +62,9 @@ def fixed_hidden64(x, weight, c=1.0):
     return torch.relu(x @ weight + c)
 
 
-def seed_loop_count(y, threshold=1.0, limit=10_000):
+def seed_loop_count(y, threshold=1.0):
     """The seed's ``while y.abs().sum() > threshold: y /= 2`` count, run in y's dtype."""
-    y = y.detach().clone()
-    k = 0
-    while y.abs().sum() > threshold and k < limit:
-        y /= 2
-        k += 1
-    return k
+    return halve_until_loop(y.detach(), threshold)[1]
 
 
 def fixed_hidden_mlp64(x, weight, bias, rand_weight, c=1.0, k=0, reduce=None):

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 import fastlayers
 from fastlayers.compile_backend import backend
+from fastlayers.tour.seed import FixedHiddenMLP, NestMLP  # the seed's, verbatim
 
 from conftest import KERNEL_DEVICE, requires_triton
 
@@ -55,32 +56,6 @@ def torchvision_mlp(in_channels, hidden_channels, norm_layer=None, dropout=0.0):
         width = hidden
     layers += [nn.Linear(width, hidden_channels[-1]), nn.Dropout(dropout)]
     return nn.Sequential(*layers)
-
-
-class NestMLP(nn.Module):  # the seed's, verbatim
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.LazyLinear(64), nn.ReLU(),
-                                 nn.LazyLinear(32), nn.ReLU())
-        self.linear = nn.LazyLinear(16)
-
-    def forward(self, X):
-        return self.linear(self.net(X))
-
-
-class FixedHiddenMLP(nn.Module):  # the seed's, verbatim (plain-attribute rand_weight)
-    def __init__(self):
-        super().__init__()
-        self.rand_weight = torch.rand((20, 20))
-        self.linear = nn.LazyLinear(20)
-
-    def forward(self, X):
-        X = self.linear(X)
-        X = F.relu(X @ self.rand_weight + 1)
-        X = self.linear(X)
-        while X.abs().sum() > 1:
-            X /= 2
-        return X.sum()
 
 
 def chimera():
