@@ -26,10 +26,10 @@ TESTS_FOR = {  # fast, likely-to-fail tests first (pytest -x stops at the first 
                                    T + "test_validation.py", T + "test_centered.py"],
     "fastlayers/ops/halve_until.py": [T + "test_special_values.py::test_halve_until",
                                       T + "test_halve_until.py"],
-    "fastlayers/io.py": [T + "test_io.py"],
-    "fastlayers/_atomic_write.py": [T + "test_io.py"],
-    "fastlayers/convert.py": [T + "test_convert.py"],
-    "fastlayers/init.py": [T + "test_init.py"],
+    "fastlayers/io.py": [T + "test_edge_cases.py", T + "test_io.py"],
+    "fastlayers/_atomic_write.py": [T + "test_edge_cases.py", T + "test_io.py"],
+    "fastlayers/convert.py": [T + "test_edge_cases.py", T + "test_convert.py"],
+    "fastlayers/init.py": [T + "test_edge_cases.py", T + "test_init.py"],
 }
 
 # Generated comparison flips (tools/mutate.py --generated) come from these files.

@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import mutants as catalogue  # noqa: E402
 
 BACKUP = ROOT / "tools" / ".mutate-backup"
+EQUIVALENT = {m["id"]: m["equivalent"] for m in catalogue.MUTANTS if m.get("equivalent")}
 
 
 # ------------------------------------------------------------------------ planting
@@ -173,16 +174,21 @@ def run_tests(mutant, timeout: float, fork: bool):
             _child(args, str(log))
         deadline = start + timeout
         code = None
-        while code is None:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                code = os.waitstatus_to_exitcode(status)
-            elif time.monotonic() > deadline:
+        try:
+            while code is None:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    code = os.waitstatus_to_exitcode(status)
+                elif time.monotonic() > deadline:
+                    break
+                else:
+                    time.sleep(0.2)
+        finally:
+            if code is None:  # timed out or interrupted: end the child's whole group
                 os.killpg(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-                return "timeout", time.monotonic() - start, f"no result within {timeout:.0f} s"
-            else:
-                time.sleep(0.2)
+        if code is None:
+            return "timeout", time.monotonic() - start, f"no result within {timeout:.0f} s"
         out = log.read_text(errors="replace") if log.exists() else ""
     else:
         proc = subprocess.Popen([sys.executable, "-m", "pytest"] + args, cwd=ROOT,
@@ -252,6 +258,9 @@ def main(argv=None) -> int:
     p.add_argument("--spawn", action="store_true",
                    help="a fresh python per mutant instead of forking a preloaded one")
     p.add_argument("--report", default=str(ROOT / "tools" / "mutation-report.md"))
+    p.add_argument("--update", action="store_true",
+                   help="keep the results of mutants not run now from the last run's "
+                        "<report>.json (to re-run survivors after adding tests)")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     p.add_argument("--check", action="store_true",
                    help="check that every mutant applies exactly once, run no tests")
@@ -283,8 +292,11 @@ def main(argv=None) -> int:
     if fork:
         preload()
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
-    results = []
     report = Path(args.report)
+    saved = report.with_suffix(".json")
+    previous = json.loads(saved.read_text()) if args.update and saved.exists() else []
+    rerun = {m["id"] for m in todo}
+    results = [r for r in previous if r["id"] not in rerun]
     try:
         for i, m in enumerate(todo, 1):
             try:
@@ -297,7 +309,10 @@ def main(argv=None) -> int:
                                 equivalent=m.get("equivalent"), outcome=outcome, secs=secs,
                                 evidence=evidence, diff=diff))
             print(f"[{i}/{len(todo)}] {outcome:8} {secs:5.0f}s {m['id']}: {evidence}", flush=True)
+            for r in results:  # the current catalogue's verdict on equivalence
+                r["equivalent"] = EQUIVALENT.get(r["id"], r.get("equivalent"))
             write_report(report, results, started, sys.argv[1:] if argv is None else argv)
+            saved.write_text(json.dumps(results, indent=1))
     except KeyboardInterrupt:
         print("interrupted: the mutated file was restored; partial report written",
               file=sys.stderr)
