@@ -1,5 +1,6 @@
-"""Edge cases that mutation testing (tools/mutate.py) found unguarded in io, the atomic
-write, convert and init: each test here fails on one planted bug of tools/mutants.py."""
+"""Edge cases that mutation testing (tools/mutate.py) found unguarded: io, the atomic
+write, convert, and the halving's rounding ties. Each test fails on a planted bug of
+tools/mutants.py (named in its docstring)."""
 import json
 import os
 
@@ -67,3 +68,69 @@ def test_rename_failure_leaves_no_temporary_file(tmp_path, monkeypatch):
         fio.save(torch.randn(4), path)
     assert sorted(os.listdir(tmp_path)) == before
     assert torch.load(path).shape == (3,)  # the previous file is intact
+
+
+# ------------------------------------------------------------------------ convert
+HOOKS = {
+    "forward_pre": lambda m: m.register_forward_pre_hook(lambda mod, args: (args[0] * 2,)),
+    "forward": lambda m: m.register_forward_hook(lambda mod, args, out: out * 3),
+    "full_backward": lambda m: m.register_full_backward_hook(lambda mod, gi, go: None),
+    "full_backward_pre": lambda m: m.register_full_backward_pre_hook(lambda mod, go: None),
+    "state_dict": lambda m: m._register_state_dict_hook(lambda mod, sd, prefix, local: None),
+    "load_state_dict_pre": lambda m: m._register_load_state_dict_pre_hook(
+        lambda *args: None),
+    "load_state_dict_post": lambda m: m.register_load_state_dict_post_hook(lambda *a: None),
+}
+
+
+@pytest.mark.parametrize("where", [0, 1])
+@pytest.mark.parametrize("hook", list(HOOKS))
+def test_fuse_leaves_every_hooked_layer_alone(hook, where):
+    """A hook of any kind on the Linear or the ReLU keeps the pair unfused (the fused layer
+    would not run it); the hooked model's output is unchanged (mutant cv-pre-hook)."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    HOOKS[hook](model[where])
+    fused = fastlayers.fuse(model)
+    assert [type(m) for m in fused] == [nn.Linear, nn.ReLU], hook
+    x = torch.randn(2, 4)
+    assert torch.equal(fused(x), model(x))
+
+
+# ------------------------------------------------------------------------ halving ties
+def _seed_loop(x, threshold):
+    x, k = x.clone(), 0
+    while x.abs().sum() > threshold:
+        x /= 2
+        k += 1
+    return x, k
+
+
+def test_bf16_sum_rounds_ties_to_even(backend):
+    """|x|-sum 2 + 2**-7 in fp32 is a tie between bf16 2.0 and 2.015625: torch's bf16 sum
+    rounds it to even (2.0), so the loop halves once (mutant halve-bf16-ties-away)."""
+    x = torch.tensor([1.0, 1.0, 2.0 ** -7], dtype=torch.bfloat16)
+    y_ref, k_ref = _seed_loop(x, 1.0)
+    assert k_ref == 1
+    y, k = fastlayers.functional.halve_until(x.to(backend), return_count=True)
+    assert int(k) == k_ref and torch.equal(y.cpu(), y_ref)
+
+
+def test_bf16_threshold_rounds_ties_to_even(backend):
+    """threshold 1 + 2**-8 is a tie between bf16 1.0 and 1.0078125; torch's comparison
+    rounds it to even (1.0), so a sum of 1.0078125 halves once (mutant hu-threshold-bf16)."""
+    x = torch.tensor([1.0, 2.0 ** -7], dtype=torch.bfloat16)
+    t = 1.0 + 2.0 ** -8
+    y_ref, k_ref = _seed_loop(x, t)
+    assert k_ref == 1
+    y, k = fastlayers.functional.halve_until(x.to(backend), t, return_count=True)
+    assert int(k) == k_ref and torch.equal(y.cpu(), y_ref)
+
+
+def test_scale_grad_reaches_two_to_minus_127_and_beyond():
+    """scale_grad(g, k) = g * 2**-k exactly for k around fp32's exponent limits (mutant
+    hu-scale-grad-127: 2**-127 encoded as 0)."""
+    from fastlayers.ops.halve_until import scale_grad
+    g = torch.tensor([1.0, -3.0, 2.0 ** 100], dtype=torch.float32)
+    for k in (0, 1, 126, 127, 128, 149, 200):
+        got = scale_grad(g, torch.tensor(k, dtype=torch.int32))
+        assert torch.equal(got, (g.double() * 2.0 ** -k).float()), k

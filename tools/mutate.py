@@ -40,6 +40,7 @@ import mutants as catalogue  # noqa: E402
 
 BACKUP = ROOT / "tools" / ".mutate-backup"
 EQUIVALENT = {m["id"]: m["equivalent"] for m in catalogue.MUTANTS if m.get("equivalent")}
+NOTES = {m["id"]: m["note"] for m in catalogue.MUTANTS if m.get("note")}
 
 
 # ------------------------------------------------------------------------ planting
@@ -245,6 +246,8 @@ def write_report(path: Path, results, started: str, args) -> None:
             lines += [f"### {r['id']}", "", r["why"], ""]
             if r.get("equivalent"):
                 lines += [f"Equivalent: {r['equivalent']}", ""]
+            if NOTES.get(r["id"]):
+                lines += [f"Note: {NOTES[r['id']]}", ""]
             lines += ["```diff", r["diff"].rstrip(), "```", ""]
     path.write_text("\n".join(lines) + "\n")
 
