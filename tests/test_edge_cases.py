@@ -134,3 +134,16 @@ def test_scale_grad_reaches_two_to_minus_127_and_beyond():
     for k in (0, 1, 126, 127, 128, 149, 200):
         got = scale_grad(g, torch.tensor(k, dtype=torch.int32))
         assert torch.equal(got, (g.double() * 2.0 ** -k).float()), k
+
+
+# ------------------------------------------------------------------------ GEMM heuristic
+@pytest.mark.parametrize("elsize", [2, 4])
+def test_gemm_heuristic_short_k_steps_for_unaligned_sizes(elsize):
+    """heuristic_config's documented rule: N or K not a multiple of 16 gets short K steps
+    (unvectorised loads spill registers otherwise); aligned sizes keep long ones (generated
+    mutant of its `aligned` test)."""
+    from fastlayers.kernels.gemm import heuristic_config
+    for M, N, K in [(4096, 4100, 4096), (4096, 4096, 4100), (4096, 1000, 999)]:
+        assert heuristic_config(M, N, K, elsize)["BLOCK_K"] <= 16, (M, N, K)
+    aligned = heuristic_config(4096, 4096, 4096, elsize)
+    assert aligned["BLOCK_K"] >= 32 and aligned["BLOCK_N"] >= 128

@@ -1,14 +1,15 @@
 """The curated mutants of tools/mutate.py: plausible bugs, one exact rewrite each.
 
 Each entry: id, file, find (exact text, must occur once), replace, why, and optionally
-tests (the covering selection; default TESTS_FOR[file]), k (a pytest -k expression) and
-equivalent (why the mutant cannot change behaviour, for survivors that are not holes).
+tests (the covering selection; default TESTS_FOR[file]), k (a pytest -k expression),
+equivalent (why the mutant cannot change behaviour, for survivors that are not holes) and
+note (shown with a survivor in the report, e.g. where only a GPU test can kill it).
 """
 
 T = "tests/"
 TESTS_FOR = {  # fast, likely-to-fail tests first (pytest -x stops at the first failure)
-    "kernels/gemm.py": [T + "test_special_values.py::test_linear_relu", T + "test_linear_relu.py",
-                        T + "test_gemm.py"],
+    "kernels/gemm.py": [T + "test_edge_cases.py", T + "test_special_values.py::test_linear_relu",
+                        T + "test_linear_relu.py", T + "test_gemm.py"],
     "kernels/centered.py": [T + "test_validation.py", T + "test_centered.py"],
     "kernels/halve.py": [T + "test_edge_cases.py", T + "test_special_values.py::test_halve_until", T + "test_halve_until.py"],
     "kernels/fixed_mlp.py": [T + "test_special_values.py::test_fixed_hidden_mlp", T + "test_blocks.py"],
