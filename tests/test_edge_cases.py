@@ -147,3 +147,20 @@ def test_gemm_heuristic_short_k_steps_for_unaligned_sizes(elsize):
         assert heuristic_config(M, N, K, elsize)["BLOCK_K"] <= 16, (M, N, K)
     aligned = heuristic_config(4096, 4096, 4096, elsize)
     assert aligned["BLOCK_K"] >= 32 and aligned["BLOCK_N"] >= 128
+
+
+def test_gemm_autotune_pruning_keeps_the_boundary_configs():
+    """_prune (FASTLAYERS_AUTOTUNE=1) drops K steps longer than K needs and row tiles over
+    twice the M bucket, but keeps those exactly at the limit (generated mutants of its
+    comparisons) and never returns an empty list."""
+    import triton
+    from fastlayers.kernels.gemm import _prune
+
+    def cfg(bm, bk):
+        return triton.Config(dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=bk, GROUP_M=8), num_warps=4,
+                             num_stages=2)
+    args = {"a_ptr": torch.empty(1, dtype=torch.float16), "K": 64, "M_BUCKET": 32}
+    configs = [cfg(64, 64), cfg(64, 128), cfg(128, 64), cfg(16, 32)]
+    kept = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]) for c in _prune(configs, args)]
+    assert kept == [(64, 64), (16, 32)]
+    assert len(_prune([cfg(256, 256)], args)) == 1  # nothing fits: the last one stays

@@ -114,6 +114,11 @@ def generated_mutants(count: int):
             found.append(dict(id=f"gen-{Path(rel).stem}-L{node.lineno}", file=rel, find=line,
                               replace=line.replace(seg, new), tests=tests,
                               why=f"generated: {seg} -> {new}"))
+    seen = {}
+    for m in found:  # two comparisons on one line: L79, L79b
+        n = seen[m["id"]] = seen.get(m["id"], 0) + 1
+        if n > 1:
+            m["id"] += "bcdefgh"[n - 2]
     found.sort(key=lambda m: m["id"])
     if count >= len(found):
         return found
