@@ -238,6 +238,11 @@ def write_report(path: Path, results, started: str, args) -> None:
         f"{caught} of {len(applied) - len(equivalent)} non-equivalent mutants "
         f"({100 * rate_eq:.0f}%). Timeouts count as not caught.",
         "",
+        f"Test time, summed over the mutants: {sum(r['secs'] for r in results) / 60:.0f} min "
+        f"(each row's seconds were measured in the run that produced it)."
+        + (" With --update, rows not re-run come from the previous report's .json."
+           if "--update" in args else ""),
+        "",
         "| mutant | file | outcome | s | evidence |",
         "|---|---|---|---|---|",
     ]
@@ -278,6 +283,7 @@ def main(argv=None) -> int:
     todo = [dict(m) for m in catalogue.MUTANTS] + generated_mutants(args.generated)
     for m in todo:
         m.setdefault("tests", catalogue.TESTS_FOR[m["file"]])
+    known = {m["id"] for m in todo}
     if args.only:
         todo = [m for m in todo if any(m["id"].startswith(o) for o in args.only)]
     if args.list or args.check:
@@ -304,7 +310,7 @@ def main(argv=None) -> int:
     saved = report.with_suffix(".json")
     previous = json.loads(saved.read_text()) if args.update and saved.exists() else []
     rerun = {m["id"] for m in todo}
-    results = [r for r in previous if r["id"] not in rerun]
+    results = [r for r in previous if r["id"] not in rerun and r["id"] in known]
     try:
         for i, m in enumerate(todo, 1):
             try:
