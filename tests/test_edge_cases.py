@@ -164,3 +164,15 @@ def test_gemm_autotune_pruning_keeps_the_boundary_configs():
     kept = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]) for c in _prune(configs, args)]
     assert kept == [(64, 64), (16, 32)]
     assert len(_prune([cfg(256, 256)], args)) == 1  # nothing fits: the last one stays
+
+
+@pytest.mark.parametrize("dtype,tiny", [(torch.float32, 2.0 ** -149), (torch.float64, 2.0 ** -1074)])
+def test_halving_into_subnormals_rounds_at_every_step(backend, dtype, tiny):
+    """11 subnormal quanta halved 3 times: the loop rounds at each step (5.5 -> 6, 3,
+    1.5 -> 2 quanta) where one multiplication by 1/8 rounds once (1.375 -> 1); the result
+    must be the loop's (mutant hu-cpu-fast-path)."""
+    x = torch.tensor([5.0, 11 * tiny, -11 * tiny], dtype=dtype)
+    y_ref, k_ref = _seed_loop(x, 1.0)
+    assert k_ref == 3 and y_ref[1] == 2 * tiny
+    y, k = fastlayers.functional.halve_until(x.to(backend), return_count=True)
+    assert int(k) == k_ref and torch.equal(y.cpu(), y_ref)

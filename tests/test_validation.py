@@ -54,6 +54,16 @@ def test_bias_of_another_dtype_or_device_is_refused(backend, other):
              (TypeError, RuntimeError), "bias", word)
 
 
+@pytest.mark.parametrize("bias", [0.5, [0.5] * 6, "bias", torch.arange(6)])
+def test_bias_must_be_a_float_tensor(backend, bias):
+    a = _args(backend)
+    if isinstance(bias, torch.Tensor):
+        bias = bias.to(backend)
+    _refused(lambda: FL.linear_relu(a["x"], a["weight"], bias), TypeError, "bias")
+    _refused(lambda: FL.fixed_hidden_mlp(a["x"], a["weight"], bias, a["rand_weight"]),
+             TypeError, "bias")
+
+
 @pytest.mark.parametrize("c", [True, False, "1.0", None, torch.tensor(1.0)])
 def test_c_must_be_a_python_number(backend, c):
     a = _args(backend)
