@@ -54,6 +54,14 @@ def test_bias_of_another_dtype_or_device_is_refused(backend, other):
              (TypeError, RuntimeError), "bias", word)
 
 
+@pytest.mark.parametrize("shape", [(6,), (1, 6, 6)])
+def test_weight_must_be_2d(backend, shape):
+    a = _args(backend)
+    w = torch.randn(shape, device=backend)
+    _refused(lambda: FL.linear_relu(a["x"], w, None), ValueError, "weight", "2-D")
+    _refused(lambda: FL.fixed_hidden(a["x"], w), ValueError, "weight", "2-D")
+
+
 @pytest.mark.parametrize("bias", [0.5, [0.5] * 6, "bias", torch.arange(6)])
 def test_bias_must_be_a_float_tensor(backend, bias):
     a = _args(backend)
