@@ -83,8 +83,9 @@ MUTANTS = [
     M("gemm-int32-rows", G, "rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)",
       "rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)", "32-bit row offsets",
       note="Not killable on a CPU: an int32 overflow needs an operand of more than 2**31 "
-      "elements (4 GiB in fp16). tests/test_linear_relu.py::"
-      "test_more_than_2_31_elements_uses_64_bit_offsets kills it on a GPU (marked cuda)."),
+      "elements (4 GiB in fp16). On a GPU, tests/test_linear_relu.py::"
+      "test_more_than_2_31_elements_uses_64_bit_offsets (marked cuda) is the test meant to "
+      "kill it; not run here."),
     M("gemm-degenerate-bias", G, "_degenerate(c, rs, bias, scalar, relu)\n",
       "_degenerate(c, rs, None, scalar, relu)\n", "empty-K GEMM forgets the bias"),
     M("gemm-rowsum-ungated", G, "rsum += tl.sum(a.to(tl.float32), axis=1)",
