@@ -4,10 +4,9 @@ naming the kernel, the argument and the offset; correct kernels pass."""
 import importlib.util
 import inspect
 
+import _bounds
 import pytest
 import torch
-
-import _bounds
 from conftest import HAS_TRITON
 
 pytestmark = pytest.mark.skipif(not (HAS_TRITON and _bounds.installed()),

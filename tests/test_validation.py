@@ -5,10 +5,9 @@ backward) give the float64 reference's answer."""
 import pytest
 import torch
 import torch.nn.functional as F
+from _util import assert_close_to_ref, randn
 
 import fastlayers.functional as FL
-
-from _util import assert_close_to_ref, randn
 
 
 def _args(device, d=6, batch=(4,), dtype=torch.float32):

@@ -36,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
-import mutants as catalogue  # noqa: E402
+import mutants as catalogue
 
 BACKUP = ROOT / "tools" / ".mutate-backup"
 EQUIVALENT = {m["id"]: m["equivalent"] for m in catalogue.MUTANTS if m.get("equivalent")}
@@ -138,13 +138,13 @@ def pytest_args(mutant):
 def preload() -> None:
     """Import the heavy dependencies once in this process (not fastlayers: the children
     import the mutated files fresh), so each forked test run skips those imports."""
-    import torch  # noqa: F401
+    import torch
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/conftest.py does
     import numpy  # noqa: F401
     import pytest  # noqa: F401
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
     except ImportError:
         pass
