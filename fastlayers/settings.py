@@ -7,6 +7,7 @@
 | ``FASTLAYERS_AUTOTUNE`` | a flag | off | GPU GEMMs search their config list per shape instead of the heuristic |
 | ``FASTLAYERS_TMA`` | a flag | off | GPU GEMMs take the persistent TMA kernel where operands allow |
 | ``FASTLAYERS_REQUIRE_TRITON`` | a flag | off | tests: fail instead of skipping kernel tests when triton is unusable |
+| ``FASTLAYERS_BOUNDS_CHECK`` | a flag | on | tests: check every interpreted kernel load/store against its tensors |
 | ``FASTLAYERS_TOUR_FAIL`` | a section name, or all | (none) | the tour (read when it starts): perturb a section to show its failure report |
 
 A flag is one of 0/1, true/false, yes/no, on/off (any case, surrounding spaces ignored);
@@ -30,6 +31,7 @@ SETTINGS = {
     "FASTLAYERS_AUTOTUNE": ("autotune", "flag", False),
     "FASTLAYERS_TMA": ("tma", "flag", False),
     "FASTLAYERS_REQUIRE_TRITON": ("require_triton", "flag", False),
+    "FASTLAYERS_BOUNDS_CHECK": ("bounds_check", "flag", True),
     "FASTLAYERS_TOUR_FAIL": ("tour_fail", "text", None),
 }
 
@@ -71,6 +73,7 @@ check: bool = False
 autotune: bool = False
 tma: bool = False
 require_triton: bool = False
+bounds_check: bool = True
 tour_fail: Optional[str] = None
 
 

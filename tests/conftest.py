@@ -12,19 +12,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastlayers  # noqa: E402  (after TRITON_INTERPRET is set)
-from fastlayers import _backend  # noqa: E402
+from fastlayers import _backend, settings  # noqa: E402
 
 import _bounds  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = _backend.TRITON_ERROR is None
-if not HAS_TRITON and os.environ.get("FASTLAYERS_REQUIRE_TRITON", "0") not in ("", "0"):
+if not HAS_TRITON and settings.require_triton:
     # CI sets this: a kernel test skipped for a broken triton install proves nothing.
     raise RuntimeError(f"FASTLAYERS_REQUIRE_TRITON=1 but triton is unusable: {_backend.TRITON_ERROR}")
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 # Under the interpreter every kernel load/store is checked against the tensors passed to
 # the kernel (tests/_bounds.py); FASTLAYERS_BOUNDS_CHECK=0 switches the check off.
-if HAS_TRITON and _backend.interpreting() and os.environ.get("FASTLAYERS_BOUNDS_CHECK", "1") != "0":
+if HAS_TRITON and _backend.interpreting() and settings.bounds_check:
     _bounds.install()
 requires_triton = pytest.mark.skipif(
     not HAS_TRITON, reason=f"triton is not installed here ({_backend.TRITON_ERROR})")
