@@ -43,4 +43,8 @@ def test_fixed_hidden_mlp_module_compiles_dynamic(backend):
     for B in (2, 5, 7):
         x = torch.randn(B, 20, device=backend)
         with torch.no_grad():
-            assert torch.equal(c(x), m(x))
+            got, want = c(x), m(x)
+        if fastlayers.get_backend() == "triton":  # the same kernels: bitwise
+            assert torch.equal(got, want)
+        else:  # Inductor compiles torch's own ops (its own fp32 codegen): close, not bitwise
+            torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-8)
