@@ -257,6 +257,13 @@ def test_nan_output_gradient_on_every_backward(backend, mode):
     _assert_same(gh, gh_ref, f"{mode} fixed_hidden grad x")
 
 
+def _mlp64(ref, rand_weight, k):
+    """The seed's block on the float64 leaves ``ref``, c = 0.5, halved k times."""
+    def lin(v):
+        return F.linear(v, ref["weight"], ref["bias"])
+    return lin(torch.relu(lin(ref["x"]) @ rand_weight.double() + 0.5)) * 2.0 ** -k
+
+
 @pytest.mark.parametrize("where", ["bias", "x"])
 def test_fixed_hidden_mlp_backward_through_custom_ops(backend, where):
     """fixed_hidden_mlp's gradients through its registered ops (as traced code runs them:
@@ -273,9 +280,7 @@ def test_fixed_hidden_mlp_backward_through_custom_ops(backend, where):
                                      rand_weight.to(backend), c=0.5, return_count=True)
         g = _grads(out, ours, grad_out.to(backend))
 
-    def lin(v):
-        return F.linear(v, ref["weight"], ref["bias"])
-    y_ref = lin(torch.relu(lin(ref["x"]) @ rand_weight.double() + 0.5)) * 2.0 ** -int(k)
+    y_ref = _mlp64(ref, rand_weight, int(k))
     _assert_same(out, y_ref, f"fixed_hidden_mlp forward, NaN in {where}")
     g_ref = _grads(y_ref, ref, grad_out.double())
     for name in g_ref:
@@ -294,9 +299,7 @@ def test_fixed_hidden_mlp_finite_backward_through_custom_ops(backend):
                                      rand_weight.to(backend), c=0.5, return_count=True)
         g = _grads(out, ours, grad_out.to(backend))
 
-    def lin(v):
-        return F.linear(v, ref["weight"], ref["bias"])
-    y_ref = lin(torch.relu(lin(ref["x"]) @ rand_weight.double() + 0.5)) * 2.0 ** -int(k)
+    y_ref = _mlp64(ref, rand_weight, int(k))
     _assert_same(out, y_ref, "fixed_hidden_mlp forward")
     g_ref = _grads(y_ref, ref, grad_out.double())
     for name in g_ref:
