@@ -31,14 +31,14 @@ size) follow torch.chunk, as DTensor does.
 from functools import partial
 
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module
 from torch.distributed.tensor import distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel as _TorchColwise
 from torch.distributed.tensor.parallel import RowwiseParallel as _TorchRowwise
 
-from . import functional as F
+from . import functional as FL
 from .layers import LinearReLU, MyLinear
 
 __all__ = ["ColwiseParallel", "RowwiseParallel"]
@@ -85,7 +85,7 @@ def _as_dtensor(local: torch.Tensor, mesh, placement, global_shape) -> DTensor:
 def _colwise_forward(module, x: DTensor) -> DTensor:
     """relu(x @ W_r.T + b_r) on this rank's output features, fused; x is Replicate."""
     x_local, w, b = x.to_local(), module.weight.to_local(), _local(module.bias)
-    y = F.linear_relu(x_local, w if isinstance(module, LinearReLU) else w.t(), b)
+    y = FL.linear_relu(x_local, w if isinstance(module, LinearReLU) else w.t(), b)
     return _as_dtensor(y, x.device_mesh, Shard(y.dim() - 1),
                        (*x.shape[:-1], _out_features(module)))
 
@@ -93,7 +93,7 @@ def _colwise_forward(module, x: DTensor) -> DTensor:
 def _rowwise_forward(module, output_layout, x: DTensor) -> DTensor:
     """Partial sums x_r @ W_r.T (unfused), reduced to ``output_layout``, then relu(. + b)."""
     x_local, w = x.to_local(), module.weight.to_local()
-    partial_sum = TF.linear(x_local, w) if isinstance(module, LinearReLU) else x_local @ w
+    partial_sum = F.linear(x_local, w) if isinstance(module, LinearReLU) else x_local @ w
     y = _as_dtensor(partial_sum, x.device_mesh, Partial(),
                     (*x.shape[:-1], _out_features(module)))
     y = y.redistribute(placements=[output_layout])
