@@ -17,7 +17,8 @@ pre-activation has no other user, no hooks inside the pattern, float32/16/bf16 o
 CUDA), then hands the graph to Inductor (``compile_fx``: aot_autograd, so training works).
 The model object, its parameters, hooks and state_dict are untouched: only the compiled
 graph changes. Which implementation the fused ops run (Triton or torch) follows
-``fastlayers.use_backend`` as in eager mode; for fixed_hidden it is read when compiling.
+``fastlayers.use_backend`` as in eager mode, read when the graph is compiled (as for every
+fastlayers op under torch.compile).
 
 Options (``backend(...)`` arguments, or ``torch.compile(..., options={...})``):
 patterns: names from ``PATTERNS`` to fuse (default all); inner: 'inductor' (default),
