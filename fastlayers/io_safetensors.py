@@ -179,13 +179,19 @@ def _move(path, tensors: dict, map_location) -> dict:
 def load_safetensors(path, map_location, verify: bool):
     """What :func:`to_safetensors` described, read back from ``path`` and checked (see the
     module docstring); the container type is the one saved."""
-    from safetensors import safe_open
-    try:
-        with safe_open(os.fspath(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    from safetensors.torch import load as load_bytes
+    try:  # ONE read of one open file: header and tensors from the same bytes (safe_open's
+        # get_tensor may reopen the path, which a concurrent atomic save can replace between)
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as exc:
         raise os_failure(path, exc) from exc
+    try:
+        n = int.from_bytes(data[:8], "little")
+        if len(data) < 8 or 8 + n > len(data):
+            raise ValueError(f"header length {n} does not fit in {len(data)} bytes")
+        metadata = json.loads(data[8:8 + n]).get("__metadata__") or {}
+        tensors = load_bytes(data)
     except Exception as exc:  # SafetensorError, a header that is not valid JSON, ...
         raise corrupt(path, exc) from exc
     raw_meta = metadata.get(META_KEY)
