@@ -257,11 +257,25 @@ def test_nan_output_gradient_on_every_backward(backend, mode):
     _assert_same(gh, gh_ref, f"{mode} fixed_hidden grad x")
 
 
-def _mlp64(ref, rand_weight, k):
-    """The seed's block on the float64 leaves ``ref``, c = 0.5, halved k times."""
+def _check_mlp_through_ops(backend, t, what):
+    """fixed_hidden_mlp (c = 0.5) forward and gradients of the leaves ``t`` through its
+    registered ops, against torch's float64 autograd of the seed's block halved k times."""
+    d = t["weight"].shape[0]
+    rand_weight = torch.rand(d, d) - 0.25
+    grad_out = torch.randn(t["x"].shape)
+    ours, ref = _leaves(backend, torch.float32, **t)
+    with _ThroughOps():
+        out, k = FL.fixed_hidden_mlp(ours["x"], ours["weight"], ours["bias"],
+                                     rand_weight.to(backend), c=0.5, return_count=True)
+        g = _grads(out, ours, grad_out.to(backend))
+
     def lin(v):
         return F.linear(v, ref["weight"], ref["bias"])
-    return lin(torch.relu(lin(ref["x"]) @ rand_weight.double() + 0.5)) * 2.0 ** -k
+    y_ref = lin(torch.relu(lin(ref["x"]) @ rand_weight.double() + 0.5)) * 2.0 ** -int(k)
+    _assert_same(out, y_ref, f"fixed_hidden_mlp forward{what}")
+    g_ref = _grads(y_ref, ref, grad_out.double())
+    for name in g_ref:
+        _assert_same(g[name], g_ref[name], f"fixed_hidden_mlp grad {name}{what}")
 
 
 @pytest.mark.parametrize("where", ["bias", "x"])
@@ -272,35 +286,11 @@ def test_fixed_hidden_mlp_backward_through_custom_ops(backend, where):
     d = 5
     t = dict(x=torch.randn(3, d), weight=torch.randn(d, d) / 2, bias=torch.randn(d))
     t[where] = _plant(t[where], "nan", 2)
-    rand_weight = torch.rand(d, d) - 0.25
-    grad_out = torch.randn(3, d)
-    ours, ref = _leaves(backend, torch.float32, **t)
-    with _ThroughOps():
-        out, k = FL.fixed_hidden_mlp(ours["x"], ours["weight"], ours["bias"],
-                                     rand_weight.to(backend), c=0.5, return_count=True)
-        g = _grads(out, ours, grad_out.to(backend))
-
-    y_ref = _mlp64(ref, rand_weight, int(k))
-    _assert_same(out, y_ref, f"fixed_hidden_mlp forward, NaN in {where}")
-    g_ref = _grads(y_ref, ref, grad_out.double())
-    for name in g_ref:
-        _assert_same(g[name], g_ref[name], f"fixed_hidden_mlp grad {name}, NaN in {where}")
+    _check_mlp_through_ops(backend, t, f", NaN in {where}")
 
 
 def test_fixed_hidden_mlp_finite_backward_through_custom_ops(backend):
     """The same without special values: every term of the reference backward counts."""
     d = 6
     t = dict(x=torch.randn(4, d), weight=torch.randn(d, d) / 2, bias=torch.randn(d))
-    rand_weight = torch.rand(d, d) - 0.25
-    grad_out = torch.randn(4, d)
-    ours, ref = _leaves(backend, torch.float32, **t)
-    with _ThroughOps():
-        out, k = FL.fixed_hidden_mlp(ours["x"], ours["weight"], ours["bias"],
-                                     rand_weight.to(backend), c=0.5, return_count=True)
-        g = _grads(out, ours, grad_out.to(backend))
-
-    y_ref = _mlp64(ref, rand_weight, int(k))
-    _assert_same(out, y_ref, "fixed_hidden_mlp forward")
-    g_ref = _grads(y_ref, ref, grad_out.double())
-    for name in g_ref:
-        _assert_same(g[name], g_ref[name], f"fixed_hidden_mlp grad {name}")
+    _check_mlp_through_ops(backend, t, "")
