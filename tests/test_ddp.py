@@ -2,19 +2,15 @@
 the batch, must produce the gradients and weights of single-process training on the full
 batch, through the torch path and (where Triton's interpreter runs kernels on CPU tensors)
 through the Triton kernels."""
-import datetime
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import fastlayers
 from fastlayers import _backend
 
-WORLD = 2
+from _distributed import WORLD, gloo_group, run_ranks, save_rank
+
 BATCH = 10  # 5 rows per rank
 STEPS = 4
 # CPU processes: the Triton path needs the interpreter (TRITON_INTERPRET=1, set by conftest on
@@ -47,9 +43,7 @@ def _train(model, X, Y):
 
 
 def _worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=120))
-    try:
+    with gloo_group(rank, init_file):
         results = {}
         for backend in BACKENDS:
             with fastlayers.use_backend(backend):
@@ -57,16 +51,12 @@ def _worker(rank, init_file, out_dir):
                 ddp = nn.parallel.DistributedDataParallel(model)
                 rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
                 results[backend] = _train(ddp, X[rows], Y[rows])
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        save_rank(results, out_dir, rank)
 
 
 @pytest.mark.slow
 def test_ddp_matches_single_process_training(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD,
-             join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    ranks = run_ranks(_worker, tmp_path)
     for backend in BACKENDS:
         with fastlayers.use_backend(backend):
             model, X, Y = _model_and_data()

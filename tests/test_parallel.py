@@ -2,13 +2,9 @@
 with ColwiseParallel / RowwiseParallel through torch's parallelize_module; outputs and
 gradients equal the single-process model's, on the torch path and the Triton kernels
 (interpreter). Invalid combinations are refused with a clear error."""
-import datetime
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.tensor import Partial, Replicate, Shard
 
@@ -16,7 +12,8 @@ import fastlayers
 from fastlayers import _backend
 from fastlayers.parallel import ColwiseParallel, RowwiseParallel
 
-WORLD = 2
+from _distributed import WORLD, gloo_group, run_ranks, save_rank
+
 BACKENDS = ["torch"] + (["triton"] if _backend.interpreting() else [])
 
 
@@ -56,9 +53,7 @@ def _worker(rank, init_file, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=120))
-    try:
+    with gloo_group(rank, init_file):
         mesh = init_device_mesh("cpu", (WORLD,))
         results = {}
         for backend in BACKENDS:
@@ -69,16 +64,12 @@ def _worker(rank, init_file, out_dir):
                     out, grads = _run(model, x)
                     shard = type(model[0].weight).__name__
                     results[backend].append((out, grads, shard))
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        save_rank(results, out_dir, rank)
 
 
 @pytest.mark.slow
 def test_tensor_parallel_matches_single_process(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD,
-             join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    ranks = run_ranks(_worker, tmp_path)
     for backend in BACKENDS:
         with fastlayers.use_backend(backend):
             cases = _models()
