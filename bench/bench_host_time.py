@@ -30,7 +30,7 @@ import fastlayers
 from bench.bench_module_overhead import one_thread, paired_ratio
 from fastlayers import _backend
 
-KERNEL_MODULES = ("centered", "fixed_hidden", "fixed_mlp", "gemm", "gemm_tma", "halve",
+KERNEL_MODULES = ("centered", "fixed_hidden", "fixed_mlp", "gemm", "gemm_tma", "halve_until",
                   "linear_relu")
 LAUNCHES = [0]
 

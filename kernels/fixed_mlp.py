@@ -1,12 +1,14 @@
 """The seed's FixedHiddenMLP forward: y = L(relu(L(x) @ R + c)) with ONE Linear L(v) =
-v @ W.T + b used twice, then the halving loop (``kernels.halve``), sync-free.
+v @ W.T + b used twice, then the halving loop (``kernels.halve_until``), sync-free.
 
 Small d (<= FUSED_MAX_D, e.g. the seed's 20): W, b and R fit in one program's registers, so
-one kernel computes, per block of rows, all three matmuls and writes y (not at all for
-``reduce='sum'`` in fp32/bf16) plus a row of partial sums (sum |y|, sum |y| * 2**-64,
+one kernel computes, per block of rows, all three matmuls. When one program covers the
+batch (M <= BLOCK_M: the seed's B=2) it also counts the halvings in registers and writes
+the halved y (or its sum) and k: ONE launch. Otherwise each program writes y (not at all
+for ``reduce='sum'`` in fp32/bf16) plus a row of partial sums (sum |y|, sum |y| * 2**-64,
 sum y); then the one-program count kernel derives k (and, for ``reduce='sum'``, the result
-(sum y) * 2**-k directly), and the scale kernel halves y in place. 3 launches (2 for
-``reduce='sum'``). fp16 writes y and runs the exact fp16 count of ``kernels.halve``.
+(sum y) * 2**-k directly), and the scale kernel halves y in place: 3 launches (2 for
+``reduce='sum'``); fp16 writes y and runs the exact fp16 count of the halving kernels.
 Larger d composes three fused GEMMs and the halving kernels.
 
 Numerics: fp32 accumulation; every intermediate (L(x), the fixed-hidden output, y) is
@@ -16,24 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from . import halve
+from . import halve_until as halve
 from .gemm import fused_gemm
-from .halve import _round_bf16, _write_partials
+from .halve_until import _halve_bits, _round_to, _to_f32, _total, _write_partials, count_in_block
 from .runtime import device_guard, dot_precision, interpreting
 
 FUSED_MAX_D = 64
 PART_ROW = halve.SUM_COLS  # [sum |y|, sum |y| * 2**-64, sum y, exact halvings]
-
-
-@triton.jit
-def _round_to(v, FMT: tl.constexpr):
-    """fp32 v rounded to the nearest value of the format (fp32: as is), kept in fp32."""
-    if FMT == 0:
-        return v
-    elif FMT == 1:
-        return v.to(tl.float16).to(tl.float32)
-    else:
-        return _round_bf16(v)
 
 
 @triton.jit
@@ -59,12 +50,17 @@ def _operand(v, dtype, UPCAST: tl.constexpr):
 
 @triton.jit
 def _fixed_mlp_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, h2_ptr, part_ptr,
+    x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, h2_ptr, part_ptr, k_ptr,
     M, D, stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_rk, stride_rn, c,
+    t, t_bits, window,
     HAS_BIAS: tl.constexpr, FMT: tl.constexpr, WRITE_Y: tl.constexpr,
-    SAVE_H2: tl.constexpr, PARTIALS: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, DP: tl.constexpr,
+    SAVE_H2: tl.constexpr, PARTIALS: tl.constexpr, ONE: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, DP: tl.constexpr,
 ):
+    """y = L(relu(L(x) @ R + c)) for a block of BLOCK_M rows (the module docstring). ONE:
+    this program holds the whole batch, so it also counts the halvings (t, t_bits, window:
+    the threshold in x's dtype, its fp32 bits, the rule's window D) and writes k and the
+    halved y (or, without WRITE_Y, the sum of the halved y into y_ptr[0])."""
     pid = tl.program_id(0)
     rm = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rd = tl.arange(0, DP)
@@ -96,7 +92,17 @@ def _fixed_mlp_fwd_kernel(
     offs = rm[:, None] * D + rd[None, :]
     if SAVE_H2:
         tl.store(h2_ptr + offs, _bits_of(h2, FMT).to(h2_ptr.dtype.element_ty), mask=md_ok)
-    if WRITE_Y:
+    if ONE:
+        u = _bits_of(y, FMT)
+        k = count_in_block(u, md_ok, t, t_bits, window, FMT)
+        tl.store(k_ptr, k)
+        u = _halve_bits(u, k, FMT)
+        if WRITE_Y:
+            tl.store(y_ptr + offs, u.to(y_ptr.dtype.element_ty), mask=md_ok)
+        else:
+            s = _round_to(_total(tl.where(md_ok, _to_f32(u, FMT), 0.0)), FMT)
+            tl.store(y_ptr, _bits_of(s, FMT).to(y_ptr.dtype.element_ty))
+    elif WRITE_Y:
         tl.store(y_ptr + offs, _bits_of(y, FMT).to(y_ptr.dtype.element_ty), mask=md_ok)
     if PARTIALS:
         _write_partials(part_ptr + pid.to(tl.int64) * PART_ROW, _bits_of(y, FMT), md_ok, FMT,
@@ -110,72 +116,76 @@ def _fused_config(d):
     return dp, (64 if dp <= 32 else 32), 4
 
 
-def fixed_mlp_fwd(x, weight, bias, rand_weight, c, threshold_d, reduce_sum, save_h2,
+def fixed_mlp_fwd(x, weight, bias, rand_weight, c, t, window, reduce_sum, save_h2,
                   fp32_mode="ieee", path="auto"):
     """(out, k, h2) for x [M, d], weight [d, d] (nn.Linear layout), bias [d] (any stride,
-    0 too) or None,
-    rand_weight [d, d]; same device and dtype (fp32, fp16 or bf16).
+    0 too) or None, rand_weight [d, d]; same device and dtype (fp32, fp16 or bf16).
 
     out: y halved k times [M, d], or its sum (0-dim) when reduce_sum. k: int32 0-dim (see
-    kernels.halve). h2: relu(L(x) @ R + c) [M, d] when save_h2 (the backward needs it),
-    else an empty tensor. threshold_d: the threshold rounded to x's dtype.
-    path: "auto" (fused for d <= FUSED_MAX_D), "fused" or "composed" (forced, for tests).
+    kernels.halve_until). h2: relu(L(x) @ R + c) [M, d] when save_h2 (the backward needs
+    it), else an empty tensor. t: the threshold in x's dtype; window: the count rule's D
+    for M * d elements. path: "auto" (fused for d <= FUSED_MAX_D), "fused" or "composed"
+    (forced, for tests). Launches: 1 when one program covers the batch, else 3 (2 for
+    reduce_sum in fp32/bf16).
     """
     M, d = x.shape
     fused = path == "fused" or (path == "auto" and d <= FUSED_MAX_D)
     if fused and d > FUSED_MAX_D:
         raise ValueError(f"fixed_mlp_fwd: the fused kernel holds d <= {FUSED_MAX_D}, got {d}")
     if not fused:
-        return _composed(x, weight, bias, rand_weight, c, threshold_d, reduce_sum, save_h2,
+        return _composed(x, weight, bias, rand_weight, c, t, window, reduce_sum, save_h2,
                          fp32_mode)
-    fp16 = x.dtype == torch.float16
-    bits = halve.BITS_DTYPE[x.dtype]
-    write_y = fp16 or not reduce_sum
-    y = torch.empty((M, d) if write_y else (0,), device=x.device, dtype=x.dtype)
-    h2 = torch.empty((M, d) if save_h2 else (0,), device=x.device, dtype=x.dtype)
     dp, block_m, warps = _fused_config(d)
     P = triton.cdiv(M, block_m)
-    part = torch.empty((P, PART_ROW.value), device=x.device, dtype=torch.float32)
+    one, fp16 = P == 1, x.dtype == torch.float16
+    write_y = not reduce_sum or (fp16 and not one)
+    bits = halve.BITS_DTYPE[x.dtype]
+    y = torch.empty((M, d) if write_y else (), device=x.device, dtype=x.dtype)
+    h2 = torch.empty((M, d) if save_h2 else (0,), device=x.device, dtype=x.dtype)
+    k = torch.empty((), device=x.device, dtype=torch.int32)
+    part = torch.empty((0 if one else P, PART_ROW.value), device=x.device, dtype=torch.float32)
     if P:
-        upcast = interpreting() and x.dtype != torch.float32
         with device_guard(x):
             _fixed_mlp_fwd_kernel[(P,)](
                 x, weight, bias if bias is not None else weight, rand_weight,
-                y.view(bits), h2.view(bits), part,
+                y.view(bits), h2.view(bits), part, k,
                 M, d, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
                 bias.stride(0) if bias is not None else 0, rand_weight.stride(0),
-                rand_weight.stride(1), float(c),
+                rand_weight.stride(1), float(c), float(t), halve.f32_bits(t), window,
                 HAS_BIAS=bias is not None, FMT=halve.FMT[x.dtype], WRITE_Y=write_y,
-                SAVE_H2=save_h2, PARTIALS=not fp16, PRECISION=dot_precision(x.dtype, fp32_mode),
-                UPCAST=upcast, BLOCK_M=block_m, DP=dp, num_warps=warps)
+                SAVE_H2=save_h2, PARTIALS=not (one or fp16), ONE=one,
+                PRECISION=dot_precision(x.dtype, fp32_mode),
+                UPCAST=interpreting() and x.dtype != torch.float32, BLOCK_M=block_m, DP=dp,
+                num_warps=warps)
+    if one:
+        return y, k, h2
     if fp16:
-        return (*_halve_written(y, threshold_d, reduce_sum), h2)
+        return (*_halve_written(y, t, window, reduce_sum), h2)
     if reduce_sum:
-        k, out = halve.count_and_sum(part, threshold_d, x.dtype, row=PART_ROW.value)
+        k, out = halve.count_and_sum(part, t, x.dtype, row=PART_ROW.value)
         return out, k, h2
-    k = halve.halve_count(y, threshold_d, partials=part, row=PART_ROW.value)
+    k = halve.halve_count(y, t, window, partials=part, row=PART_ROW.value)
     return halve.halve_scale(y.view(-1), k, out=y.view(-1)).view(M, d), k, h2
 
 
-def _halve_written(y, threshold_d, reduce_sum):
+def _halve_written(y, t, window, reduce_sum):
     """(out, k) from a written y: the halving kernels (exact fp16 count) and, for
     reduce_sum, torch's own sum of the halved tensor (the seed's ``X.sum()``)."""
     flat = y.view(-1)
     if reduce_sum and y.dtype != torch.float16:
-        k, out = halve.count_and_sum(halve.halve_partials(flat, signed=True), threshold_d,
-                                     y.dtype)
+        k, out = halve.count_and_sum(halve.halve_partials(flat, signed=True), t, y.dtype)
         return out, k
-    k = halve.halve_count(flat, threshold_d)
+    k = halve.halve_count(flat, t, window)
     halve.halve_scale(flat, k, out=flat)
     return (y.sum() if reduce_sum else y), k
 
 
-def _composed(x, weight, bias, rand_weight, c, threshold_d, reduce_sum, save_h2, fp32_mode):
+def _composed(x, weight, bias, rand_weight, c, t, window, reduce_sum, save_h2, fp32_mode):
     bias = None if bias is None else bias.contiguous()  # fused_gemm reads bias contiguous
     h1 = fused_gemm(x, weight.t(), bias=bias, fp32_mode=fp32_mode)
     h2 = fused_gemm(h1, rand_weight, scalar=c, relu=True, fp32_mode=fp32_mode)
     y = fused_gemm(h2, weight.t(), bias=bias, fp32_mode=fp32_mode)
-    out, k = _halve_written(y, threshold_d, reduce_sum)
+    out, k = _halve_written(y, t, window, reduce_sum)
     return out, k, (h2 if save_h2 else h2.new_empty((0,)))
 
 

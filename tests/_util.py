@@ -1,4 +1,7 @@
 """Helpers shared by the tests: float64 comparisons with per-dtype tolerances."""
+import contextlib
+import importlib
+
 import torch
 
 # Relative (Frobenius) error allowed against a float64 reference, per output dtype.
@@ -31,3 +34,24 @@ def assert_close_to_ref(actual, ref, dtype=None, tol=None, what="result"):
 def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0):
     """Random normal data (never zeros) in ``dtype``."""
     return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def counted_launches():
+    """Counts every Triton kernel launch of fastlayers' kernels (the launch still runs)."""
+    counts = []
+    patched = []
+    for name in ("fixed_mlp", "halve_until", "gemm"):
+        mod = importlib.import_module(f"fastlayers.kernels.{name}")
+        for attr, fn in vars(mod).items():
+            if attr.endswith("_kernel") and hasattr(fn, "run"):
+                def run(*args, _fn=fn, _run=fn.run, _name=attr, **kwargs):
+                    counts.append(_name)
+                    return _run(*args, **kwargs)
+                patched.append(fn)
+                fn.run = run
+    try:
+        yield counts
+    finally:
+        for fn in patched:
+            del fn.run

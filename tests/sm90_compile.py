@@ -250,7 +250,7 @@ def setup(full=False):
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction
 
-    names = ("centered", "fixed_hidden", "fixed_mlp", "gemm", "gemm_tma", "halve", "linear_relu")
+    names = ("centered", "fixed_hidden", "fixed_mlp", "gemm", "gemm_tma", "halve_until", "linear_relu")
     kernels = types.SimpleNamespace(
         **{m: importlib.import_module(f"fastlayers.kernels.{m}") for m in names})
     torch.set_num_threads(1)

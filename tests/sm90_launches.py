@@ -206,13 +206,17 @@ def centered_launches(kernels, full):
 
 
 def halve_launches(kernels, full):
-    """halve_until (partials, count, scale) per dtype, and count_and_sum (fp32, bf16)."""
-    h = kernels.halve
+    """halve_until (one program; partials, count, scale) per dtype, and count_and_sum
+    (fp32, bf16)."""
+    h = kernels.halve_until
     for name, dtype in _dtypes(full):
+        for n in (40, h.ONE_MAX):  # one program (the seed's 2x20; the largest)
+            with case(f"halve_until {name} n={n}"):
+                h.halve_until(torch.empty(n, dtype=dtype), 1.0, 0)
         for n in (1 << 20, 1_000_003) if full or dtype == torch.float32 else (1_000_003,):
             x = torch.empty(n, dtype=dtype)
             with case(f"halve_until {name} n={n}"):
-                h.halve_until(x, 1.0)
+                h.halve_until(x, 1.0, 0)
             if dtype != torch.float16:
                 with case(f"count_and_sum {name} n={n}"):
                     h.count_and_sum(h.halve_partials(x, signed=True), 1.0, dtype)
@@ -234,11 +238,11 @@ def fixed_mlp_launches(kernels, full):
         for M, d, reduce_sum, save_h2 in combos:
             with case(f"fixed_mlp_fwd {prec} M={M} d={d} reduce_sum={reduce_sum} "
                       f"save_h2={save_h2}"):
-                fm.fixed_mlp_fwd(e(M, d), e(d, d), e(d), e(d, d), 1.0, 1.0, reduce_sum,
+                fm.fixed_mlp_fwd(e(M, d), e(d, d), e(d), e(d, d), 1.0, 1.0, 0, reduce_sum,
                                  save_h2, fp32_mode=mode)
         if prec == "fp32-ieee":
             with case(f"fixed_mlp_fwd {prec} M=4096 d=20 bias=None"):
-                fm.fixed_mlp_fwd(e(4096, 20), e(20, 20), None, e(20, 20), 1.0, 1.0, False, True)
+                fm.fixed_mlp_fwd(e(4096, 20), e(20, 20), None, e(20, 20), 1.0, 1.0, 0, False, True)
         if prec in ("fp32-ieee", "bf16"):
             for d in (20, 70):
                 with case(f"fixed_mlp_bwd {prec} M=4096 d={d}"):

@@ -15,6 +15,7 @@ import fastlayers
 from fastlayers import functional as F
 from fastlayers.tour.seed import FixedHiddenMLPEager as SeedFixedHiddenMLP
 from fastlayers.ops import fixed_mlp as ops
+from fastlayers.ops.halve_until import window_below
 
 from _util import REL_TOL, assert_close_to_ref, randn
 from conftest import requires_triton
@@ -80,7 +81,9 @@ def _forward(x, w, b, r, reduce, path):
     if path == "functional":
         return F.fixed_hidden_mlp(x, w, b, r, reduce=reduce, return_count=True)
     from fastlayers.kernels import fixed_mlp as K
-    out, k, _ = K.fixed_mlp_fwd(x, w, b, r, 1.0, 1.0, reduce == "sum", False, path=path)
+    window = window_below(x.numel(), x.dtype, 1.0)  # 1.0: the threshold in every dtype
+    out, k, _ = K.fixed_mlp_fwd(x, w, b, r, 1.0, 1.0, window, reduce == "sum", False,
+                                path=path)
     return out, k
 
 
@@ -259,7 +262,7 @@ def test_fused_path_refuses_large_d():
     from fastlayers.kernels import fixed_mlp as K
     w, b, r = params(70, torch.float32, "cpu")
     with pytest.raises(ValueError, match="d <= 64"):
-        K.fixed_mlp_fwd(torch.randn(2, 70), w, b, r, 1.0, 1.0, False, False, path="fused")
+        K.fixed_mlp_fwd(torch.randn(2, 70), w, b, r, 1.0, 1.0, 0, False, False, path="fused")
 
 
 # ------------------------------------------------------------------ GPU only

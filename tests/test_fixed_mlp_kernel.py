@@ -1,14 +1,17 @@
-"""fixed_hidden_mlp with a bias of any layout (issue 9 item 1): a stride-0 expanded bias,
-a ``[1::2]`` view, a column of a matrix, on both paths (the fused kernel for d <= 64, the
-composed GEMMs above), against the float64 torch composite and the loop's count."""
+"""fixed_hidden_mlp's kernel path: a bias of any layout (issue 9 item 1: a stride-0
+expanded bias, a ``[1::2]`` view, a column of a matrix) on both paths (the fused kernel for
+d <= 64, the composed GEMMs above), and the one-launch forward at small batch (issue 10),
+against the float64 torch composite and the loop's count."""
 import pytest
 import torch
 import torch.nn.functional as TF
 
+import fastlayers
 from fastlayers import functional as F
 from fastlayers.reference import halve_until_loop
 
-from _util import assert_close_to_ref, randn
+from _util import REL_TOL, assert_close_to_ref, counted_launches, randn
+from conftest import KERNEL_DEVICE, requires_triton
 
 
 def bias_of_layout(d, layout, gen):
@@ -40,3 +43,34 @@ def test_bias_of_any_layout(backend, d, layout, reduce):
     assert int(k) == k64
     assert_close_to_ref(out, ref.sum() if reduce == "sum" else ref, torch.float32,
                         tol=None if reduce is None else 1e-4, what=f"{layout} d={d}")
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduce", [None, "sum"])
+def test_small_batch_forward_is_one_launch(dtype, reduce):
+    """Issue 10: when one program covers the batch (the seed's B=2), the forward is ONE
+    Triton launch (matmuls, count and halving in registers) and nothing else runs; a batch
+    one row past the block takes the multi-program plan. Both give the loop's count and
+    values within rounding of the float64 composite."""
+    from fastlayers.kernels import fixed_mlp as K
+    d = 20
+    block_m = K._fused_config(d)[1]
+    gen = torch.Generator().manual_seed(7)
+    w = ((torch.rand(d, d, generator=gen, dtype=torch.float64) * 2 - 1) * d ** -0.5)
+    b = torch.rand(d, generator=gen, dtype=torch.float64) * 2 - 1
+    r = torch.rand(d, d, generator=gen, dtype=torch.float64)
+    for B, want in ((2, 1), (block_m, 1), (block_m + 1, None)):
+        x = randn(B, d, dtype=torch.float64)
+        y64 = TF.linear(torch.relu(TF.linear(x, w, b) @ r + 1.0), w, b)
+        ref, k64 = halve_until_loop(y64)
+        args = [t.to(device=KERNEL_DEVICE, dtype=dtype) for t in (x, w, b, r)]
+        with torch.no_grad(), fastlayers.use_backend("triton"), counted_launches() as launches:
+            out, k = F.fixed_hidden_mlp(*args, reduce=reduce, return_count=True)
+        if want is not None:
+            assert launches == ["_fixed_mlp_fwd_kernel"], f"B={B}: {launches}"
+        else:
+            assert launches[0] == "_fixed_mlp_fwd_kernel" and len(launches) >= 2, launches
+        assert int(k) == k64, f"B={B}: count {int(k)} != the loop's {k64}"
+        assert_close_to_ref(out, ref.sum() if reduce == "sum" else ref, dtype,
+                            tol=None if reduce is None else 20 * REL_TOL[dtype], what=f"B={B}")

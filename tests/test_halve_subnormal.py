@@ -1,12 +1,15 @@
 """halve_until vs the literal seed loop (``reference.halve_until_loop``, same dtype) when
 elements reach the subnormal range and round at each halving, so that the loop's sums are
 no longer the first sum halved (issue 12 item 7): fp32, fp16, bf16 on both paths."""
+import contextlib
+import importlib
 import math
 
 import pytest
 import torch
 
 from fastlayers import functional as F
+from fastlayers._backend import use_triton
 from fastlayers.ops import halve_until as H
 from fastlayers.reference import halve_until_loop
 
@@ -65,11 +68,28 @@ def cases(dtype, count, gen, exact_fp32_sums=False):
     return out
 
 
+@contextlib.contextmanager
+def one_program_limit(limit):
+    """Kernel path: halve_until in one program up to ``limit`` elements (0: never, so the
+    three-launch path with its count kernel runs)."""
+    kernels = importlib.import_module("fastlayers.kernels.halve_until")
+    saved, kernels.ONE_MAX = kernels.ONE_MAX, limit
+    try:
+        yield
+    finally:
+        kernels.ONE_MAX = saved
+
+
 def check(x, threshold):
-    y, k = F.halve_until(x, threshold, return_count=True)
+    """The loop's count and bits; on the kernel path both launch plans (one program,
+    and partials + count + scale)."""
     ref, ref_k = halve_until_loop(x.cpu(), threshold)
-    assert int(k) == ref_k, f"count {int(k)} != the loop's {ref_k} ({x.dtype}, n={x.numel()})"
-    assert torch.equal(y.cpu().view(BITS[x.dtype][0]), ref.view(BITS[x.dtype][0]))
+    for limit in ((None, 0) if use_triton(x) else (None,)):
+        with one_program_limit(limit) if limit is not None else contextlib.nullcontext():
+            y, k = F.halve_until(x, threshold, return_count=True)
+        where = f"({x.dtype}, n={x.numel()}, one-program limit {limit})"
+        assert int(k) == ref_k, f"count {int(k)} != the loop's {ref_k} {where}"
+        assert torch.equal(y.cpu().view(BITS[x.dtype][0]), ref.view(BITS[x.dtype][0])), where
 
 
 def test_issue_example(backend):

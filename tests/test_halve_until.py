@@ -12,6 +12,7 @@ from fastlayers import reference
 from fastlayers import functional as F
 from fastlayers.ops import halve_until as H
 
+from _util import counted_launches
 from conftest import HAS_CUDA, KERNEL_DEVICE, requires_triton
 
 # the interpreter's numpy warns on fp32 overflow to inf, which these tests mean to cause
@@ -231,7 +232,7 @@ def test_compile_fullgraph_matches_eager(backend):
 def test_halving_formula_exhaustive_16_bit(dtype):
     """Every 16-bit pattern halved k = 0..27 times: the kernel's and the torch formula's
     bits equal k literal ``/= 2`` steps (repeated rounding of subnormals included)."""
-    from fastlayers.kernels import halve as kh
+    from fastlayers.kernels import halve_until as kh
     x = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype)
     finite = torch.isfinite(x)
     lit = x.clone()
@@ -248,7 +249,7 @@ def test_halving_formula_exhaustive_16_bit(dtype):
 
 @requires_triton
 def test_halving_formula_fp32_random_bits():
-    from fastlayers.kernels import halve as kh
+    from fastlayers.kernels import halve_until as kh
     gen = torch.Generator().manual_seed(3)
     bits = torch.randint(-2 ** 31, 2 ** 31 - 1, (20000,), dtype=torch.int64, generator=gen)
     x = bits.to(torch.int32).view(torch.float32)
@@ -325,3 +326,20 @@ def test_large_fp32_input_on_cuda_matches_loop():
     with fastlayers.use_backend("triton"):
         check_bitwise(x)
     assert HAS_CUDA
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_small_tensor_is_one_launch(dtype):
+    """Up to ONE_MAX elements the kernel path is one launch (count and halving in one
+    program); one more element takes partials, count and scale. Same values either way."""
+    from fastlayers.kernels import halve_until as kh
+    for n, want in ((1, ["_halve_one_kernel"]), (kh.ONE_MAX, ["_halve_one_kernel"]),
+                    (kh.ONE_MAX + 1, ["_halve_partials_kernel", "_halve_count_kernel",
+                                      "_halve_scale_kernel"])):
+        x = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 50).to(dtype)
+        with fastlayers.use_backend("triton"), counted_launches() as launches:
+            y, k = F.halve_until(x.to(KERNEL_DEVICE), return_count=True)
+        assert launches == want, f"n={n}: {launches}"
+        ref, ref_k = reference.halve_until_loop(x, 1.0)
+        assert int(k) == ref_k and torch.equal(y.cpu(), ref), f"n={n}"

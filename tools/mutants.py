@@ -11,7 +11,7 @@ TESTS_FOR = {  # fast, likely-to-fail tests first (pytest -x stops at the first 
     "kernels/gemm.py": [T + "test_edge_cases.py", T + "test_special_values.py::test_linear_relu",
                         T + "test_linear_relu.py", T + "test_gemm.py"],
     "kernels/centered.py": [T + "test_validation.py", T + "test_centered.py"],
-    "kernels/halve.py": [T + "test_edge_cases.py", T + "test_special_values.py::test_halve_until", T + "test_halve_until.py"],
+    "kernels/halve_until.py": [T + "test_edge_cases.py", T + "test_special_values.py::test_halve_until", T + "test_halve_until.py"],
     "kernels/fixed_mlp.py": [T + "test_special_values.py::test_fixed_hidden_mlp", T + "test_blocks.py"],
     "fastlayers/_validate.py": [T + "test_validation.py", T + "test_linear_relu.py",
                                 T + "test_fixed_hidden.py"],
@@ -47,7 +47,7 @@ def M(id, file, find, replace, why, **kw):
     return dict(id=id, file=file, find=find, replace=replace, why=why, **kw)
 
 
-G, C, H, FM = "kernels/gemm.py", "kernels/centered.py", "kernels/halve.py", "kernels/fixed_mlp.py"
+G, C, H, FM = "kernels/gemm.py", "kernels/centered.py", "kernels/halve_until.py", "kernels/fixed_mlp.py"
 REF, VAL, FN = "fastlayers/reference.py", "fastlayers/_validate.py", "fastlayers/functional.py"
 OLR, OFH, OFM = "fastlayers/ops/linear_relu.py", "fastlayers/ops/fixed_hidden.py", "fastlayers/ops/fixed_mlp.py"
 OCE, OHU = "fastlayers/ops/centered.py", "fastlayers/ops/halve_until.py"
@@ -104,7 +104,7 @@ MUTANTS = [
       "any strided tensor treated as dense"),
     M("centered-mean-count", C, "mean = tl.sum(x, axis=1) / C", "mean = tl.sum(x, axis=1) / BLOCK_C",
       "mean divides by the tile width"),
-    # ---------------------------------------------------------------- kernels/halve.py
+    # ---------------------------------------------------------------- kernels/halve_until.py
     M("halve-bf16-ties-away", H, "r = (b + 0x7FFF + ((b >> 16) & 1)) & -65536",
       "r = (b + 0x8000) & -65536", "bf16 rounding of the sum ties-away instead of ties-to-even"),
     M("halve-nan-count", H,

@@ -26,8 +26,9 @@ def _kernel_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], rand_weight: 
                 c: float, threshold: float, reduce_sum: bool, save_h2: bool,
                 fp32_mode: str) -> Tuple[Tensor, Tensor, Tensor]:
     t = _halve.threshold_in(x.dtype, threshold)
-    return kernels.fixed_mlp_fwd(x, weight, bias, rand_weight, c, t, reduce_sum, save_h2,
-                                 fp32_mode)
+    window = _halve.window_below(x.shape[0] * weight.shape[0], x.dtype, t)
+    return kernels.fixed_mlp_fwd(x, weight, bias, rand_weight, c, t, window, reduce_sum,
+                                 save_h2, fp32_mode)
 
 
 def _fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], rand_weight: Tensor, c: float,

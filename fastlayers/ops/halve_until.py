@@ -2,7 +2,7 @@
 ``(y, k)``, its torch implementation, and :class:`HalveUntilFunction` (gradient g * 2**-k).
 The literal loop is :func:`fastlayers.reference.halve_until_loop` (the tests' oracle).
 
-The count rule (the Triton kernels of ``fastlayers.kernels.halve`` evaluate the same rule;
+The count rule (the Triton kernels of ``fastlayers.kernels.halve_until`` evaluate it;
 their docstring says how). Let h^j(x) be x halved j times element by element (``x /= 2``
 j times: exact, except that a result below the smallest normal number rounds at each
 halving), S_j the sum of |h^j(x)| in x's dtype and t the threshold as torch's ``>`` sees it
@@ -33,9 +33,9 @@ from .._backend import _torch_only_context, kernel_module, use_triton
 from .._validate import check_float
 from ._dispatch import call, needs_grad
 
-kernels = kernel_module("halve")
+kernels = kernel_module("halve_until")
 
-K_FOREVER = torch.iinfo(torch.int32).max  # "the loop never ends"; == kernels.halve.K_FOREVER
+K_FOREVER = torch.iinfo(torch.int32).max  # "the loop never ends"; == kernels.halve_until's
 _SCALE_DOWN = 64  # the overflow fallback sums |x| * 2**-64 (a finite sum for any finite x)
 
 
@@ -117,7 +117,7 @@ def torch_count(x: Tensor, t: float) -> Tensor:
 
 def halve_bits(x: Tensor, k: Tensor) -> Tensor:
     """x halved k times element by element exactly like ``x /= 2`` k times (k: integer 0-dim
-    tensor on x's device). Same integer formula as ``kernels.halve._halve_bits``.
+    tensor on x's device). Same integer formula as ``kernels.halve_until._halve_bits``.
 
     With |x| = m * 2**e quanta (m the significand with its implicit bit, e = max(E - 1, 0)):
     while k <= e every halving is exact (the biased exponent drops by k); past that, the
@@ -185,8 +185,7 @@ def _cpu_common_case(x: Tensor, t: float):
 def _impl(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
     t = threshold_in(x.dtype, threshold)
     if use_triton(x):
-        flat = x.contiguous().view(-1)
-        y, k = kernels.halve_until(flat, t)
+        y, k = kernels.halve_until(x.contiguous().view(-1), t, window_below(x.numel(), x.dtype, t))
         return y.view(x.shape), k
     if x.device.type == "cpu":
         done = _cpu_common_case(x, t)
@@ -215,25 +214,15 @@ def _backward(ctx, grad_y, _grad_k):
     return scale_grad(grad_y, k), None
 
 
-class HalveUntilFunction(torch.autograd.Function):
-    """(y, k) = halve_until(x, threshold); dy/dx = 2**-k (k is piecewise constant in x)."""
-
-    @staticmethod
-    def forward(ctx, x, threshold):
-        y, k = call(op, _impl, x, threshold)
-        _setup_context(ctx, (x, threshold), (y, k))
-        return y, k
-
-    backward = staticmethod(_backward)
-
-
 op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class HalveUntilTransformFunction(torch.autograd.Function):
-    """:class:`HalveUntilFunction` for ``torch.func`` transforms and forward-mode AD: the
-    setup_context style functorch needs, a generated vmap rule and a jvp (tangent * 2**-k),
-    over tensor ops only (no host reads, so vmap can batch it; each sample gets its own k)."""
+class HalveUntilFunction(torch.autograd.Function):
+    """(y, k) = halve_until(x, threshold), dy/dx = 2**-k (k is piecewise constant in x), for
+    ``torch.func`` transforms and forward-mode AD: tensor ops only (no host reads, so the
+    generated vmap rule batches it, each sample with its own k) and a jvp (tangent * 2**-k).
+    Elsewhere autograd goes through the op's own formula (``register_autograd`` above):
+    Dynamo cannot trace a Function with a custom jvp."""
 
     generate_vmap_rule = True
 
@@ -244,13 +233,10 @@ class HalveUntilTransformFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(output[1])
+        _setup_context(ctx, inputs, output)
         ctx.save_for_forward(output[1])
 
-    @staticmethod
-    def backward(ctx, grad_y, _grad_k):
-        return scale_grad(grad_y, ctx.saved_tensors[0]), None
+    backward = staticmethod(_backward)
 
     @staticmethod
     def jvp(ctx, x_tangent, _threshold_tangent):
@@ -301,9 +287,9 @@ def halve_until(x: Tensor, threshold=1.0, return_count: bool = False):
     check_float(opname, "input", x)
     threshold = validate_threshold(opname, x.dtype, threshold)
     if _torch_only_context():  # torch.func transforms, forward-mode AD
-        y, k = HalveUntilTransformFunction.apply(x, threshold)
-    elif needs_grad(x):
         y, k = HalveUntilFunction.apply(x, threshold)
+    elif needs_grad(x):
+        y, k = op(x, threshold)
     else:
         y, k = call(op, _impl, x, threshold)
     raise_if_forever(opname, k)
