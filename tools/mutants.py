@@ -59,8 +59,8 @@ REF, VAL, FN = "fastlayers/reference.py", "fastlayers/_validate.py", "fastlayers
 OLR, OFH, OFM = "fastlayers/ops/linear_relu.py", "fastlayers/ops/fixed_hidden.py", "fastlayers/ops/fixed_mlp.py"
 OCE, OHU = "fastlayers/ops/centered.py", "fastlayers/ops/halve_until.py"
 IO, AW, CV, INIT = "fastlayers/io.py", "fastlayers/_atomic_write.py", "fastlayers/convert.py", "fastlayers/init.py"
-IOE, IOM, IOS, IOV = ("fastlayers/io_errors.py", "fastlayers/io_model.py", "fastlayers/io_safetensors.py",
-                      "fastlayers/io_savable.py")
+IOE, IOM = "fastlayers/io_errors.py", "fastlayers/io_model.py"
+IOS, IOV = "fastlayers/io_safetensors.py", "fastlayers/io_savable.py"
 
 MUTANTS = [
     # ---------------------------------------------------------------- kernels/gemm.py
@@ -263,7 +263,9 @@ MUTANTS = [
       "        os.replace(tmp, path)\n    except BaseException:\n        with contextlib.suppress(OSError):\n            os.unlink(tmp)\n        raise",
       "        os.replace(tmp, path)\n    except BaseException:\n        raise",
       "a temp file left behind when the final rename fails"),
-    M("aw-named-litter", AW, "            os.fsync(f.fileno())\n    except BaseException:\n        with contextlib.suppress(OSError):\n            os.unlink(tmp)\n",
+    M("aw-named-litter", AW,
+      "            os.fsync(f.fileno())\n    except BaseException:\n"
+      "        with contextlib.suppress(OSError):\n            os.unlink(tmp)\n",
       "            os.fsync(f.fileno())\n    except BaseException:\n",
       "named temp file left behind when the write raises"),
     M("aw-dir-check", AW, "        if stat.S_ISDIR(existing.st_mode):\n            raise new_access_error(IsADirectoryError",
