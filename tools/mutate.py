@@ -6,6 +6,10 @@ run the tests that cover it, and report which bugs the suite catches.
     python tools/mutate.py --list               # ids, files and test selections
     python tools/mutate.py --check              # each mutant applies exactly once (no tests)
 
+``--check`` is also run by CI, through :func:`apply_problem` and :func:`selection_problem`
+(tests/test_mutants_apply.py): a refactor that moves a mutant's code fails CI until the
+mutant is re-targeted, so the catalogue cannot silently test nothing.
+
 Mutants: the curated list in tools/mutants.py (plausible bugs: flipped comparisons,
 dropped masks, missing checks, swapped arguments) plus comparison-operator flips generated
 from the AST of the files in ``GENERATED_FROM`` (``--generated N`` of them, a fixed sample).
@@ -84,6 +88,60 @@ class Planted:
         self.path.write_text(self.original)
         shutil.rmtree(BACKUP, ignore_errors=True)
         return False
+
+
+def apply_problem(mutant) -> str | None:
+    """Why ``mutant`` cannot be planted, or None when it can: its ``find`` text occurs
+    exactly once in its file, ``replace`` changes it, and the mutated file still parses (a
+    mutant that breaks the syntax is "caught" by any import, which proves nothing)."""
+    path = ROOT / mutant["file"]
+    if not path.is_file():
+        return f"{mutant['id']}: {mutant['file']} does not exist"
+    original = path.read_text()
+    try:
+        text = Planted(mutant).mutated_text(original)
+    except ValueError as exc:
+        return str(exc)
+    if text == original:
+        return f"{mutant['id']}: the replacement equals the original text"
+    if path.suffix == ".py":
+        try:
+            ast.parse(text)
+        except SyntaxError as exc:
+            return (f"{mutant['id']}: the mutated {mutant['file']} does not parse "
+                    f"(line {exc.lineno}: {exc.msg})")
+    return None
+
+
+def _top_level_names(test_file: Path) -> set:
+    tree = ast.parse(test_file.read_text())
+    return {n.name for n in tree.body
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+
+
+def selection_problem(mutant) -> str | None:
+    """Why ``mutant``'s test selection is stale, or None: every entry must name an existing
+    test file, and ``file::name`` a test function or class defined at its top level."""
+    if not mutant.get("tests"):
+        return f"{mutant['id']}: no tests (add {mutant['file']} to TESTS_FOR in tools/mutants.py)"
+    for entry in mutant["tests"]:
+        rel, _, name = entry.partition("::")
+        path = ROOT / rel
+        if not path.is_file():
+            return f"{mutant['id']}: test file {rel} does not exist"
+        name = name.split("::")[0].split("[")[0]
+        if name and name not in _top_level_names(path):
+            return f"{mutant['id']}: {rel} defines no test {name}"
+    return None
+
+
+def all_mutants(generated: int = catalogue.GENERATED_COUNT) -> list[dict]:
+    """The curated mutants of tools/mutants.py and ``generated`` comparison flips, each with
+    its test selection (``tests``; TESTS_FOR[file] unless the mutant names its own)."""
+    todo = [dict(m) for m in catalogue.MUTANTS] + generated_mutants(generated)
+    for m in todo:
+        m.setdefault("tests", catalogue.TESTS_FOR.get(m["file"], []))
+    return todo
 
 
 # ------------------------------------------------------------------------ generated flips
@@ -280,9 +338,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     restore_backup()
 
-    todo = [dict(m) for m in catalogue.MUTANTS] + generated_mutants(args.generated)
-    for m in todo:
-        m.setdefault("tests", catalogue.TESTS_FOR[m["file"]])
+    todo = all_mutants(args.generated)
     known = {m["id"] for m in todo}
     if args.only:
         todo = [m for m in todo if any(m["id"].startswith(o) for o in args.only)]
@@ -291,10 +347,9 @@ def main(argv=None) -> int:
         for m in todo:
             status = ""
             if args.check:
-                try:
-                    Planted(m).mutated_text((ROOT / m["file"]).read_text())
-                except ValueError as exc:
-                    status, bad = f"  <-- {exc}", bad + 1
+                problem = apply_problem(m) or selection_problem(m)
+                if problem:
+                    status, bad = f"  <-- {problem}", bad + 1
             print(f"{m['id']:32} {m['file']:32} {' '.join(m['tests'])}"
                   f"{' -k ' + repr(m['k']) if m.get('k') else ''}{status}")
         print(f"{len(todo)} mutants" + (f", {bad} do not apply" if args.check else ""))
@@ -317,7 +372,7 @@ def main(argv=None) -> int:
                 with Planted(m) as planted:
                     outcome, secs, evidence = run_tests(m, args.timeout, fork)
                 diff = planted.diff
-            except ValueError as exc:
+            except (ValueError, FileNotFoundError) as exc:  # rotted: see --check
                 outcome, secs, evidence, diff = "error", 0.0, str(exc), ""
             results.append(dict(id=m["id"], file=m["file"], why=m.get("why", ""),
                                 equivalent=m.get("equivalent"), outcome=outcome, secs=secs,
