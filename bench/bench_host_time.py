@@ -30,8 +30,8 @@ import fastlayers
 from bench.bench_module_overhead import one_thread, paired_ratio
 from fastlayers import _backend
 
-KERNEL_MODULES = ("centered", "fixed_hidden", "fixed_mlp", "gemm", "gemm_tma", "halve_until",
-                  "linear_relu")
+KERNEL_MODULES = ("centered", "fixed_hidden", "fixed_hidden_mlp", "gemm", "gemm_tma",
+                  "halve_until", "linear_relu")
 LAUNCHES = [0]
 
 
@@ -117,7 +117,7 @@ def _centered():
     return (lambda: ours(x)), (lambda: x - x.mean())
 
 
-def _fixed_mlp():
+def _fixed_hidden_mlp():
     from fastlayers.tour.seed import FixedHiddenMLP as SeedMLP
     torch.manual_seed(0)
     ours = fastlayers.FixedHiddenMLP()
@@ -127,7 +127,7 @@ def _fixed_mlp():
 
 
 CASES = {"LinearReLU 2x64x8": _linear_relu, "CenteredLayer 2^16": _centered,
-         "FixedHiddenMLP B=2": _fixed_mlp}
+         "FixedHiddenMLP B=2": _fixed_hidden_mlp}
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])

@@ -65,7 +65,7 @@ phase "TESTS" "${GPU_CHECK_TEST_S:-180}" "$OUT/tests.log" \
     -o addopts="" -rfEs --junitxml="$OUT/tests.xml"
 
 # LinearReLU first: if the phase runs out of time, the most-asked-for figures are in.
-BENCH=${GPU_CHECK_BENCH:-bench/bench_linear_relu.py bench/bench_fixed_mlp.py bench/bench_centered.py}
+BENCH=${GPU_CHECK_BENCH:-bench/bench_linear_relu.py bench/bench_fixed_hidden_mlp.py bench/bench_centered.py}
 if [ "$BENCH" != none ]; then
     stamp "benchmarks"
     TAIL=5 phase "BENCHMARKS" "${GPU_CHECK_BENCH_S:-270}" "$OUT/bench.log" \

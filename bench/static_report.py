@@ -94,7 +94,7 @@ def cases(a):
         d = 20
         nbytes = (2 * B * d + 2 * d * d + d) * 4
         out.append((f"FixedHiddenMLP fwd fp32 B={B}",
-                    [f"fixed_mlp_fwd fp32-ieee M={B} d={d} reduce_sum=False save_h2=False"],
+                    [f"fixed_hidden_mlp_fwd fp32-ieee M={B} d={d} reduce_sum=False save_h2=False"],
                     3 * 2 * B * d * d, nbytes, "fp32-ieee", goal, f"<= {goal:g} us (issue 4)"))
     return out
 

@@ -12,11 +12,11 @@ matmul is 2*M*K*N FLOPs; bias adds, ReLU, sums, means and the halving scale coun
     linear_relu_bwd_params          2*N*M*K               (grad_W = g.T @ x; grad_b a sum)
     fixed_hidden_fwd                2*M*K*N               (x @ W)
     fixed_hidden_bwd_input          2*M*N*K
-    fixed_mlp_fwd                   3 * 2*M*d*d           (Linear, matmul, Linear)
-    fixed_mlp_bwd                   5 * 2*M*d*d           (grad_y@W, @R.T, @W, two weight grads)
+    fixed_hidden_mlp_fwd            3 * 2*M*d*d           (Linear, matmul, Linear)
+    fixed_hidden_mlp_bwd            5 * 2*M*d*d           (grad_y@W, @R.T, @W, 2 weight grads)
     centered_fwd, halve_until       0                     (torch counts mean/sub/sum as 0)
 
-fixed_mlp_bwd always computes grad_x as well, so it matches torch's count for an input
+fixed_hidden_mlp_bwd always computes grad_x as well, so it matches torch's count for an input
 that requires grad (torch skips grad_x otherwise: 4 instead of 5 matmuls).
 """
 import torch
@@ -56,11 +56,11 @@ def _fixed_hidden_bwd_input(g_shape, out_shape_, w_shape, *args, out_shape=None,
     return _mm(g_shape[0], g_shape[1], w_shape[0])
 
 
-@register_flop_formula(_fl.fixed_mlp_fwd)
-def _fixed_mlp_fwd(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+@register_flop_formula(_fl.fixed_hidden_mlp_fwd)
+def _fixed_hidden_mlp_fwd(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     return 3 * _mm(x_shape[0], w_shape[1], w_shape[0])
 
 
-@register_flop_formula(_fl.fixed_mlp_bwd)
-def _fixed_mlp_bwd(g_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+@register_flop_formula(_fl.fixed_hidden_mlp_bwd)
+def _fixed_hidden_mlp_bwd(g_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     return 5 * _mm(x_shape[0], w_shape[1], w_shape[0])

@@ -15,7 +15,7 @@ from . import _validate, onnx_export
 from ._validate import autocast_cast, check_same_place
 from .ops import centered as _centered
 from .ops import fixed_hidden as _fh
-from .ops import fixed_mlp as _fmlp
+from .ops import fixed_hidden_mlp as _fmlp
 from .ops import halve_until as _hu
 from .ops import linear_relu as _lr
 

@@ -50,15 +50,15 @@ def fixed_hidden_bwd_input(grad_out, out, weight):
     return relu_grad(grad_out, out) @ weight.t()
 
 
-def fixed_mlp_body(x, weight, bias, rand_weight, c=1.0):
+def fixed_hidden_mlp_body(x, weight, bias, rand_weight, c=1.0):
     """(y, h2) of the seed's FixedHiddenMLP before its halving loop: ONE Linear used twice,
     h2 = relu(linear(x) @ rand_weight + c), y = linear(h2)."""
     h2 = fixed_hidden(F.linear(x, weight, bias), rand_weight, c)
     return F.linear(h2, weight, bias), h2
 
 
-def fixed_mlp_bwd(grad_y, x, weight, rand_weight, h2):
-    """(grad_x, grad_weight, grad_bias) of :func:`fixed_mlp_body` given dL/dy."""
+def fixed_hidden_mlp_bwd(grad_y, x, weight, rand_weight, h2):
+    """(grad_x, grad_weight, grad_bias) of :func:`fixed_hidden_mlp_body` given dL/dy."""
     g_h1 = relu_grad(grad_y @ weight, h2) @ rand_weight.t()
     return g_h1 @ weight, grad_y.t() @ h2 + g_h1.t() @ x, grad_y.sum(0) + g_h1.sum(0)
 

@@ -21,8 +21,8 @@ without triton, its NVIDIA backend or ptxas.
 
 The default case list is the CI gate: every GEMM config the heuristics pick at the
 benchmark shapes, odd, tall-skinny and tiny shapes in fp32 (3xTF32) and bf16, the tf32
-configs at the headline shape, the TMA kernel, centered, halve and fixed_mlp in fp32
-and bf16 (fewer centered shapes, halve sizes and fixed_mlp flags in bf16). ``--full``
+configs at the headline shape, the TMA kernel, centered, halve and fixed_hidden_mlp in fp32
+and bf16 (fewer centered shapes, halve sizes and fixed_hidden_mlp flags in bf16). ``--full``
 adds fp16 everywhere, tf32/fp16 at every GEMM shape, and the rest of those cases.
 """
 import os
@@ -250,7 +250,8 @@ def setup(full=False):
     from triton.compiler import make_backend
     from triton.runtime.jit import JITFunction
 
-    names = ("centered", "fixed_hidden", "fixed_mlp", "gemm", "gemm_tma", "halve_until", "linear_relu")
+    names = ("centered", "fixed_hidden", "fixed_hidden_mlp", "gemm", "gemm_tma", "halve_until",
+             "linear_relu")
     kernels = types.SimpleNamespace(
         **{m: importlib.import_module(f"fastlayers.kernels.{m}") for m in names})
     torch.set_num_threads(1)

@@ -222,10 +222,10 @@ def halve_launches(kernels, full):
                     h.count_and_sum(h.halve_partials(x, signed=True), 1.0, dtype)
 
 
-def fixed_mlp_launches(kernels, full):
-    """fixed_mlp_fwd fused (d <= 64: flags per dtype) and composed (d = 70) at the
-    benchmark batches (2, 4096, 2^20), and fixed_mlp_bwd (fused GEMMs) for d = 20 and 70."""
-    fm = kernels.fixed_mlp
+def fixed_hidden_mlp_launches(kernels, full):
+    """fixed_hidden_mlp_fwd fused (d <= 64: flags per dtype) and composed (d = 70) at the
+    benchmark batches (2, 4096, 2^20), and fixed_hidden_mlp_bwd (fused GEMMs) for d = 20 and 70."""
+    fm = kernels.fixed_hidden_mlp
     precisions = PRECISIONS if full else PRECISIONS[::2]
     for prec, dtype, mode in precisions:
         e = lambda *s: torch.empty(*s, dtype=dtype)  # noqa: E731
@@ -236,22 +236,24 @@ def fixed_mlp_launches(kernels, full):
             combos += [(2, 20, False, False), (1 << 20, 20, False, False),
                        (4096, 20, True, True), (4096, 70, False, True), (4096, 70, True, False)]
         for M, d, reduce_sum, save_h2 in combos:
-            with case(f"fixed_mlp_fwd {prec} M={M} d={d} reduce_sum={reduce_sum} "
+            with case(f"fixed_hidden_mlp_fwd {prec} M={M} d={d} reduce_sum={reduce_sum} "
                       f"save_h2={save_h2}"):
-                fm.fixed_mlp_fwd(e(M, d), e(d, d), e(d), e(d, d), 1.0, 1.0, 0, reduce_sum,
+                fm.fixed_hidden_mlp_fwd(e(M, d), e(d, d), e(d), e(d, d), 1.0, 1.0, 0, reduce_sum,
                                  save_h2, fp32_mode=mode)
         if prec == "fp32-ieee":
-            with case(f"fixed_mlp_fwd {prec} M=4096 d=20 bias=None"):
-                fm.fixed_mlp_fwd(e(4096, 20), e(20, 20), None, e(20, 20), 1.0, 1.0, 0, False, True)
+            with case(f"fixed_hidden_mlp_fwd {prec} M=4096 d=20 bias=None"):
+                fm.fixed_hidden_mlp_fwd(e(4096, 20), e(20, 20), None, e(20, 20), 1.0, 1.0, 0, False,
+                                        True)
         if prec in ("fp32-ieee", "bf16"):
             for d in (20, 70):
-                with case(f"fixed_mlp_bwd {prec} M=4096 d={d}"):
-                    fm.fixed_mlp_bwd(e(4096, d), e(4096, d), e(d, d), e(d, d), e(4096, d), mode)
+                with case(f"fixed_hidden_mlp_bwd {prec} M=4096 d={d}"):
+                    fm.fixed_hidden_mlp_bwd(e(4096, d), e(4096, d), e(d, d), e(d, d), e(4096, d),
+                                            mode)
 
 
 def record(kernels, full=False):
     """Run every launcher above (kernels: a namespace of the kernels/ modules, every
     @triton.jit ``*_kernel`` in them intercepted)."""
     for launches in (gemm_launches, tma_launches, centered_launches, halve_launches,
-                     fixed_mlp_launches):
+                     fixed_hidden_mlp_launches):
         launches(kernels, full)

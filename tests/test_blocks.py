@@ -14,7 +14,7 @@ import torch.nn.functional as TF
 import fastlayers
 from fastlayers import functional as F
 from fastlayers.tour.seed import FixedHiddenMLPEager as SeedFixedHiddenMLP
-from fastlayers.ops import fixed_mlp as ops
+from fastlayers.ops import fixed_hidden_mlp as ops
 from fastlayers.ops.halve_until import window_below
 
 from _util import REL_TOL, assert_close_to_ref, randn
@@ -80,9 +80,9 @@ def test_same_init_and_bitwise_same_output_as_the_seed_on_cpu():
 def _forward(x, w, b, r, reduce, path):
     if path == "functional":
         return F.fixed_hidden_mlp(x, w, b, r, reduce=reduce, return_count=True)
-    from fastlayers.kernels import fixed_mlp as K
+    from fastlayers.kernels import fixed_hidden_mlp as K
     window = window_below(x.numel(), x.dtype, 1.0)  # 1.0: the threshold in every dtype
-    out, k, _ = K.fixed_mlp_fwd(x, w, b, r, 1.0, 1.0, window, reduce == "sum", False,
+    out, k, _ = K.fixed_hidden_mlp_fwd(x, w, b, r, 1.0, 1.0, window, reduce == "sum", False,
                                 path=path)
     return out, k
 
@@ -148,7 +148,7 @@ def test_gradcheck_float64():
             lambda *a, red=reduce: F.fixed_hidden_mlp(*a, r, reduce=red), (x, w, b))
         # the op-level path used under torch.compile
         assert torch.autograd.gradcheck(
-            lambda *a, s=reduce == "sum": ops.FixedMLPFunction.apply(*a, r, 1.0, 1.0, s,
+            lambda *a, s=reduce == "sum": ops.FixedHiddenMLPFunction.apply(*a, r, 1.0, 1.0, s,
                                                                       "ieee")[0],
             (x, w, b))
 
@@ -259,10 +259,11 @@ def test_bad_input_gets_clear_error(backend, case, exc, words):
 
 @requires_triton
 def test_fused_path_refuses_large_d():
-    from fastlayers.kernels import fixed_mlp as K
+    from fastlayers.kernels import fixed_hidden_mlp as K
     w, b, r = params(70, torch.float32, "cpu")
     with pytest.raises(ValueError, match="d <= 64"):
-        K.fixed_mlp_fwd(torch.randn(2, 70), w, b, r, 1.0, 1.0, 0, False, False, path="fused")
+        K.fixed_hidden_mlp_fwd(torch.randn(2, 70), w, b, r, 1.0, 1.0, 0, False, False,
+                               path="fused")
 
 
 # ------------------------------------------------------------------ GPU only

@@ -27,7 +27,7 @@ KNOWN_KERNELS = {
     "_fused_gemm_kernel", "_fused_gemm_tma_kernel", "_center_segments_kernel",
     "_split_partials_kernel", "_split_subtract_kernel", "_center_persistent_kernel",
     "_halve_partials_kernel", "_halve_count_kernel", "_halve_scale_kernel", "_halve_one_kernel",
-    "_fixed_mlp_fwd_kernel",
+    "_fixed_hidden_mlp_fwd_kernel",
 }
 
 

@@ -281,7 +281,7 @@ def _check_mlp_through_ops(backend, t, what):
 @pytest.mark.parametrize("where", ["bias", "x"])
 def test_fixed_hidden_mlp_backward_through_custom_ops(backend, where):
     """fixed_hidden_mlp's gradients through its registered ops (as traced code runs them:
-    on the torch path fastlayers.reference.fixed_mlp_bwd), with a NaN in the first Linear's
+    on the torch path fastlayers.reference.fixed_hidden_mlp_bwd), with a NaN in the first Linear's
     output, against torch's float64 autograd of the composite."""
     d = 5
     t = dict(x=torch.randn(3, d), weight=torch.randn(d, d) / 2, bias=torch.randn(d))

@@ -12,7 +12,8 @@ TESTS_FOR = {  # fast, likely-to-fail tests first (pytest -x stops at the first 
                         T + "test_linear_relu.py", T + "test_gemm.py"],
     "kernels/centered.py": [T + "test_validation.py", T + "test_centered.py"],
     "kernels/halve_until.py": [T + "test_edge_cases.py", T + "test_special_values.py::test_halve_until", T + "test_halve_until.py"],
-    "kernels/fixed_mlp.py": [T + "test_special_values.py::test_fixed_hidden_mlp", T + "test_blocks.py"],
+    "kernels/fixed_hidden_mlp.py": [T + "test_special_values.py::test_fixed_hidden_mlp",
+                                    T + "test_blocks.py"],
     "fastlayers/_validate.py": [T + "test_validation.py", T + "test_linear_relu.py",
                                 T + "test_fixed_hidden.py"],
     "fastlayers/functional.py": [T + "test_validation.py", T + "test_linear_relu.py"],
@@ -21,7 +22,7 @@ TESTS_FOR = {  # fast, likely-to-fail tests first (pytest -x stops at the first 
                                 T + "test_blocks.py"],
     "fastlayers/ops/linear_relu.py": [T + "test_special_values.py", T + "test_linear_relu.py"],
     "fastlayers/ops/fixed_hidden.py": [T + "test_validation.py", T + "test_fixed_hidden.py"],
-    "fastlayers/ops/fixed_mlp.py": [T + "test_validation.py", T + "test_special_values.py",
+    "fastlayers/ops/fixed_hidden_mlp.py": [T + "test_validation.py", T + "test_special_values.py",
                                     T + "test_blocks.py"],
     "fastlayers/ops/centered.py": [T + "test_centered.py::test_bad_input_gets_clear_error",
                                    T + "test_validation.py", T + "test_centered.py"],
@@ -54,9 +55,11 @@ def M(id, file, find, replace, why, **kw):
     return dict(id=id, file=file, find=find, replace=replace, why=why, **kw)
 
 
-G, C, H, FM = "kernels/gemm.py", "kernels/centered.py", "kernels/halve_until.py", "kernels/fixed_mlp.py"
+G, C, H = "kernels/gemm.py", "kernels/centered.py", "kernels/halve_until.py"
+FM = "kernels/fixed_hidden_mlp.py"
 REF, VAL, FN = "fastlayers/reference.py", "fastlayers/_validate.py", "fastlayers/functional.py"
-OLR, OFH, OFM = "fastlayers/ops/linear_relu.py", "fastlayers/ops/fixed_hidden.py", "fastlayers/ops/fixed_mlp.py"
+OLR, OFH = "fastlayers/ops/linear_relu.py", "fastlayers/ops/fixed_hidden.py"
+OFM = "fastlayers/ops/fixed_hidden_mlp.py"
 OCE, OHU = "fastlayers/ops/centered.py", "fastlayers/ops/halve_until.py"
 IO, AW, CV, INIT = "fastlayers/io.py", "fastlayers/_atomic_write.py", "fastlayers/convert.py", "fastlayers/init.py"
 IOE, IOM = "fastlayers/io_errors.py", "fastlayers/io_model.py"
@@ -141,7 +144,7 @@ MUTANTS = [
     M("halve-block-no-window", H, "    if ((z < k) | (s0 > _FMAX)) & (k != _K_FOREVER) & (s0 == s0):",
       "    if (s0 > _FMAX) & (k != _K_FOREVER) & (s0 == s0):",
       "one-program count ignores elements that round (no window)"),
-    # ---------------------------------------------------------------- kernels/fixed_mlp.py
+    # ---------------------------------------------------------------- kernels/fixed_hidden_mlp.py
     M("fmk-relu-nan", FM, "tl.where(z < 0, 0.0, z), 0.0)", "tl.maximum(z, 0.0), 0.0)",
       "fused MLP ReLU: NaN becomes 0"),
     M("fmk-x-no-m-mask", FM,

@@ -12,5 +12,5 @@ Importing this package registers every op. Pattern, one file per op:
 """
 from ._dispatch import call, eager, needs_grad  # noqa: F401
 from . import linear_relu  # noqa: F401
-from . import fixed_hidden, fixed_mlp, halve_until  # noqa: F401
+from . import fixed_hidden, fixed_hidden_mlp, halve_until  # noqa: F401
 from . import centered  # noqa: F401

@@ -1,5 +1,5 @@
-"""The seed's FixedHiddenMLP as one op: custom ops ``fastlayers::fixed_mlp_{fwd,bwd}``,
-:class:`FixedMLPFunction` and :func:`fixed_hidden_mlp`, the one place its path is chosen.
+"""The seed's FixedHiddenMLP as one op: custom ops ``fastlayers::fixed_hidden_mlp_{fwd,bwd}``,
+:class:`FixedHiddenMLPFunction` and :func:`fixed_hidden_mlp`, the one place its path is chosen.
 
 fwd(x, W, b, R, c, threshold, reduce_sum, save_h2) -> (out, k, h2):
     y = L(relu(L(x) @ R + c)), L(v) = v @ W.T + b (one Linear used twice), then the
@@ -19,7 +19,7 @@ from .._backend import fp32_matmul_mode, kernel_module, use_triton
 from . import halve_until as _halve
 from ._dispatch import call, needs_grad
 
-kernels = kernel_module("fixed_mlp")
+kernels = kernel_module("fixed_hidden_mlp")
 
 
 def _kernel_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], rand_weight: Tensor,
@@ -27,7 +27,7 @@ def _kernel_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], rand_weight: 
                 fp32_mode: str) -> Tuple[Tensor, Tensor, Tensor]:
     t = _halve.threshold_in(x.dtype, threshold)
     window = _halve.window_below(x.shape[0] * weight.shape[0], x.dtype, t)
-    return kernels.fixed_mlp_fwd(x, weight, bias, rand_weight, c, t, window, reduce_sum,
+    return kernels.fixed_hidden_mlp_fwd(x, weight, bias, rand_weight, c, t, window, reduce_sum,
                                  save_h2, fp32_mode)
 
 
@@ -37,7 +37,7 @@ def _fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], rand_weight: Tensor,
     if use_triton(x):
         return _kernel_fwd(x, weight, bias, rand_weight, c, threshold, reduce_sum, save_h2,
                            fp32_mode)
-    y, h2 = reference.fixed_mlp_body(x, weight, bias, rand_weight, c)
+    y, h2 = reference.fixed_hidden_mlp_body(x, weight, bias, rand_weight, c)
     y, k = _halve._impl(y, threshold)
     return (y.sum() if reduce_sum else y), k, (h2 if save_h2 else h2.new_empty((0,)))
 
@@ -48,12 +48,12 @@ def _bwd(grad_out: Tensor, x: Tensor, weight: Tensor, rand_weight: Tensor, h2: T
     if reduce_sum:
         grad_y = grad_y.expand(x.shape[0], weight.shape[0])
     if use_triton(grad_y):
-        return kernels.fixed_mlp_bwd(grad_y, x, weight, rand_weight, h2, fp32_mode)
-    return reference.fixed_mlp_bwd(grad_y, x, weight, rand_weight, h2)
+        return kernels.fixed_hidden_mlp_bwd(grad_y, x, weight, rand_weight, h2, fp32_mode)
+    return reference.fixed_hidden_mlp_bwd(grad_y, x, weight, rand_weight, h2)
 
 
-fwd_op = torch.library.custom_op("fastlayers::fixed_mlp_fwd", _fwd, mutates_args=())
-bwd_op = torch.library.custom_op("fastlayers::fixed_mlp_bwd", _bwd, mutates_args=())
+fwd_op = torch.library.custom_op("fastlayers::fixed_hidden_mlp_fwd", _fwd, mutates_args=())
+bwd_op = torch.library.custom_op("fastlayers::fixed_hidden_mlp_bwd", _bwd, mutates_args=())
 
 
 @fwd_op.register_fake
@@ -83,17 +83,17 @@ def _setup_context(ctx, inputs, output):
 def _differentiable_bwd(ctx, grad_out, x, weight, bias, rand_weight, k):
     """The backward as torch's composite, h2 recomputed with autograd, so that a gradient
     of the gradient (``create_graph=True``) sees how h2 depends on x, weight and bias."""
-    _, h2 = reference.fixed_mlp_body(x, weight, bias, rand_weight, ctx.c)
+    _, h2 = reference.fixed_hidden_mlp_body(x, weight, bias, rand_weight, ctx.c)
     grad_y = _halve.scale_grad(grad_out, k)
     if ctx.reduce_sum:
         grad_y = grad_y.expand(x.shape[0], weight.shape[0])
-    return reference.fixed_mlp_bwd(grad_y, x, weight, rand_weight, h2)
+    return reference.fixed_hidden_mlp_bwd(grad_y, x, weight, rand_weight, h2)
 
 
 def _backward(ctx, grad_out, _grad_k=None, _grad_h2=None):
     x, weight, bias, rand_weight, h2, k = ctx.saved_tensors
     if not ctx.save_h2:
-        raise RuntimeError("fastlayers::fixed_mlp_fwd: differentiate a call made with "
+        raise RuntimeError("fastlayers::fixed_hidden_mlp_fwd: differentiate a call made with "
                            "save_h2=True (the backward needs the hidden activation)")
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     grad_x = grad_w = grad_b = None
@@ -107,9 +107,9 @@ def _backward(ctx, grad_out, _grad_k=None, _grad_h2=None):
             grad_b if need_b else None, None, None, None, None, None, None)
 
 
-class FixedMLPFunction(torch.autograd.Function):
+class FixedHiddenMLPFunction(torch.autograd.Function):
     """(out, k) of the seed's FixedHiddenMLP; gradients for x, weight and bias (the
-    rand_weight is frozen). Arguments as ``fastlayers::fixed_mlp_fwd`` less save_h2."""
+    rand_weight is frozen). Arguments as ``fastlayers::fixed_hidden_mlp_fwd`` less save_h2."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, rand_weight, c, threshold, reduce_sum, fp32_mode):
@@ -132,16 +132,16 @@ def fixed_hidden_mlp(x: Tensor, weight: Tensor, bias: Optional[Tensor], rand_wei
                      c: float, threshold: float, reduce_sum: bool) -> Tuple[Tensor, Tensor]:
     """(out, k) for validated inputs: THE place its path is chosen. torch path: the
     reference body and ``halve_until`` with torch's autograd; kernel path: leading dims
-    flattened, through :class:`FixedMLPFunction` when a gradient is needed."""
+    flattened, through :class:`FixedHiddenMLPFunction` when a gradient is needed."""
     if not use_triton(x):
-        y, _ = reference.fixed_mlp_body(x, weight, bias, rand_weight, c)
+        y, _ = reference.fixed_hidden_mlp_body(x, weight, bias, rand_weight, c)
         y, k = _halve.halve_until(y, threshold, return_count=True)
         return (y.sum() if reduce_sum else y), k
     x2 = x.reshape(math.prod(x.shape[:-1]), weight.shape[0])
     fp32_mode = fp32_matmul_mode()
     args = (x2, weight, bias, rand_weight, c, threshold, reduce_sum, fp32_mode)
     if needs_grad(x2, weight, bias):
-        out, k = FixedMLPFunction.apply(*args)
+        out, k = FixedHiddenMLPFunction.apply(*args)
     else:
         out, k, _ = call(fwd_op, _kernel_fwd, *args[:-1], False, fp32_mode)
     return (out if reduce_sum else out.view(x.shape)), k

@@ -49,7 +49,7 @@ def _operand(v, dtype, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _fixed_mlp_fwd_kernel(
+def _fixed_hidden_mlp_fwd_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, h2_ptr, part_ptr, k_ptr,
     M, D, stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_rk, stride_rn, c,
     t, t_bits, window,
@@ -116,7 +116,7 @@ def _fused_config(d):
     return dp, (64 if dp <= 32 else 32), 4
 
 
-def fixed_mlp_fwd(x, weight, bias, rand_weight, c, t, window, reduce_sum, save_h2,
+def fixed_hidden_mlp_fwd(x, weight, bias, rand_weight, c, t, window, reduce_sum, save_h2,
                   fp32_mode="ieee", path="auto"):
     """(out, k, h2) for x [M, d], weight [d, d] (nn.Linear layout), bias [d] (any stride,
     0 too) or None, rand_weight [d, d]; same device and dtype (fp32, fp16 or bf16).
@@ -131,7 +131,8 @@ def fixed_mlp_fwd(x, weight, bias, rand_weight, c, t, window, reduce_sum, save_h
     M, d = x.shape
     fused = path == "fused" or (path == "auto" and d <= FUSED_MAX_D)
     if fused and d > FUSED_MAX_D:
-        raise ValueError(f"fixed_mlp_fwd: the fused kernel holds d <= {FUSED_MAX_D}, got {d}")
+        raise ValueError(f"fixed_hidden_mlp_fwd: the fused kernel holds d <= {FUSED_MAX_D}, "
+                         f"got {d}")
     if not fused:
         return _composed(x, weight, bias, rand_weight, c, t, window, reduce_sum, save_h2,
                          fp32_mode)
@@ -146,7 +147,7 @@ def fixed_mlp_fwd(x, weight, bias, rand_weight, c, t, window, reduce_sum, save_h
     part = torch.empty((0 if one else P, PART_ROW.value), device=x.device, dtype=torch.float32)
     if P:
         with device_guard(x):
-            _fixed_mlp_fwd_kernel[(P,)](
+            _fixed_hidden_mlp_fwd_kernel[(P,)](
                 x, weight, bias if bias is not None else weight, rand_weight,
                 y.view(bits), h2.view(bits), part, k,
                 M, d, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
@@ -189,7 +190,7 @@ def _composed(x, weight, bias, rand_weight, c, t, window, reduce_sum, save_h2, f
     return out, k, (h2 if save_h2 else h2.new_empty((0,)))
 
 
-def fixed_mlp_bwd(grad_y, x, weight, rand_weight, h2, fp32_mode="ieee"):
+def fixed_hidden_mlp_bwd(grad_y, x, weight, rand_weight, h2, fp32_mode="ieee"):
     """(grad_x, grad_weight, grad_bias) given dL/dy [M, d] (any strides, stride 0 too).
 
     The chain through the batch (dL/dh2, the gated dL/dh1, dL/dx) runs on the fused GEMM,

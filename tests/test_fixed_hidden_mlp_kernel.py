@@ -53,7 +53,7 @@ def test_small_batch_forward_is_one_launch(dtype, reduce):
     Triton launch (matmuls, count and halving in registers) and nothing else runs; a batch
     one row past the block takes the multi-program plan. Both give the loop's count and
     values within rounding of the float64 composite."""
-    from fastlayers.kernels import fixed_mlp as K
+    from fastlayers.kernels import fixed_hidden_mlp as K
     d = 20
     block_m = K._fused_config(d)[1]
     gen = torch.Generator().manual_seed(7)
@@ -68,9 +68,9 @@ def test_small_batch_forward_is_one_launch(dtype, reduce):
         with torch.no_grad(), fastlayers.use_backend("triton"), counted_launches() as launches:
             out, k = F.fixed_hidden_mlp(*args, reduce=reduce, return_count=True)
         if want is not None:
-            assert launches == ["_fixed_mlp_fwd_kernel"], f"B={B}: {launches}"
+            assert launches == ["_fixed_hidden_mlp_fwd_kernel"], f"B={B}: {launches}"
         else:
-            assert launches[0] == "_fixed_mlp_fwd_kernel" and len(launches) >= 2, launches
+            assert launches[0] == "_fixed_hidden_mlp_fwd_kernel" and len(launches) >= 2, launches
         assert int(k) == k64, f"B={B}: count {int(k)} != the loop's {k64}"
         assert_close_to_ref(out, ref.sum() if reduce == "sum" else ref, dtype,
                             tol=None if reduce is None else 20 * REL_TOL[dtype], what=f"B={B}")
