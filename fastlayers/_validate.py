@@ -1,6 +1,8 @@
 """Input checks of the functional ops: clear errors naming shape, dtype or device.
 
 Each public op has one ``check_<op>`` here; :mod:`fastlayers.functional` calls it first."""
+import struct
+
 import torch
 
 
@@ -151,3 +153,42 @@ def check_fixed_hidden_mlp(x, weight, bias, rand_weight, c, reduce) -> float:
         raise ValueError(f"{op}: rand_weight is frozen (the seed creates it with "
                          f"requires_grad=False); pass rand_weight.detach()")
     return check_python_float(op, "c", c)
+
+
+# ------------------------------------------------------------- the halving loop's threshold
+def _smallest_threshold(dtype: torch.dtype) -> float:
+    """The least Python float that rounds to at least dtype's smallest normal number (the
+    count rule needs a normal threshold; rounded as torch's ``tensor > threshold`` rounds
+    it, through fp32 for 16-bit dtypes): a bisection over float64 bit patterns."""
+    tiny = torch.finfo(dtype).tiny
+    lo, hi = 0, struct.unpack("<q", struct.pack("<d", tiny))[0]
+    while hi - lo > 1:  # hi rounds to >= tiny, lo below
+        mid = (lo + hi) // 2
+        v = struct.unpack("<d", struct.pack("<q", mid))[0]
+        lo, hi = (lo, mid) if float(torch.tensor(v, dtype=dtype)) >= tiny else (mid, hi)
+    return struct.unpack("<d", struct.pack("<q", hi))[0]
+
+
+SMALLEST_THRESHOLD = {d: _smallest_threshold(d) for d in (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+
+
+def check_threshold(op: str, dtype: torch.dtype, threshold) -> float:
+    """The halving loop's threshold as a Python float; a clear error for values the loop
+    cannot use. Compile-safe (``dynamic=True`` makes it a SymFloat): plain comparisons
+    only, which dynamo turns into guards (``threshold != threshold`` is the NaN test)."""
+    if isinstance(threshold, (torch.Tensor, bool)) or not isinstance(
+            threshold, (int, float, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{op}: threshold must be a Python float (a tensor threshold "
+                        f"would need a device-to-host sync), got {type(threshold).__name__}")
+    threshold = threshold * 1.0  # int -> float (float() would specialize a SymFloat)
+    if threshold != threshold or threshold < 0:
+        raise ValueError(f"{op}: threshold must be >= 0 (with {threshold} the seed's loop "
+                         f"`while x.abs().sum() > threshold` never ends or never starts)")
+    if threshold < SMALLEST_THRESHOLD[dtype]:
+        tiny = torch.finfo(dtype).tiny
+        raise ValueError(
+            f"{op}: threshold {threshold} rounds below the smallest normal number "
+            f"{tiny} of {dtype}; sums that small do not halve exactly, so the loop count is "
+            f"not defined by one reduction. Use a threshold >= {tiny}")
+    return threshold

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from . import _validate, onnx_export
+from . import _validate, onnx_export, settings
 from ._validate import autocast_cast, check_same_place
 from .ops import centered as _centered
 from .ops import fixed_hidden as _fh
@@ -100,9 +100,13 @@ def halve_until(x: Tensor, threshold: float = 1.0, return_count: bool = False):
     """
     if has_torch_function_variadic(x):
         return handle_torch_function(halve_until, (x,), x, threshold, return_count)
+    _validate.check_float("halve_until", "input", x)
+    threshold = _validate.check_threshold("halve_until", x.dtype, threshold)
     if onnx_export.exporting():
         return onnx_export.halve_until(x, threshold, return_count)
-    return _hu.halve_until(x, threshold, return_count)
+    y, k = _hu.halve_until(x, threshold)
+    _raise_if_forever("halve_until", k)
+    return (y, k) if return_count else y
 
 
 def fixed_hidden_mlp(x: Tensor, weight: Tensor, bias: Tensor, rand_weight: Tensor,
@@ -127,11 +131,22 @@ def fixed_hidden_mlp(x: Tensor, weight: Tensor, bias: Tensor, rand_weight: Tenso
         x, weight, bias, rand_weight = autocast_cast(x.device.type, x, weight, bias,
                                                      rand_weight)
     check_same_place(op, {"input": x, "weight": weight, "bias": bias, "rand_weight": rand_weight})
-    threshold = _hu.validate_threshold(op, x.dtype, threshold)
+    threshold = _validate.check_threshold(op, x.dtype, threshold)
     if onnx_export.exporting():
         return onnx_export.fixed_hidden_mlp(x, weight, bias, rand_weight, c, threshold, reduce,
                                             return_count)
     out, k = _fmlp.fixed_hidden_mlp(x, weight, bias, rand_weight, c, threshold,
                                     reduce == "sum")
-    _hu.raise_if_forever(op, k)
+    _raise_if_forever(op, k)
     return (out, k) if return_count else out
+
+
+def _raise_if_forever(op: str, k: Tensor) -> None:
+    """Under FASTLAYERS_CHECK=1 in eager mode: a clear error for an input holding ±inf
+    (reads k on the host: a sync on CUDA)."""
+    if settings.check and not torch.compiler.is_compiling() and int(k) == _hu.K_FOREVER:
+        raise ValueError(
+            f"{op}: the input holds ±inf, so the seed's loop `while x.abs().sum() > "
+            f"threshold: x /= 2` would never end (FASTLAYERS_CHECK=1 turns this into an "
+            f"error; without it the loop's limit is returned: finite elements become 0, "
+            f"±inf stays)")

@@ -138,7 +138,7 @@ def _refuse_fp16(opname: str, x: Tensor) -> None:
 
 
 def _check_threshold(opname: str, dtype: torch.dtype, threshold) -> None:
-    """The functional forms' threshold rule (ops/halve_until.py validate_threshold): a
+    """The functional forms' threshold rule (_validate.check_threshold): a
     Python number, not NaN, and (rounded to dtype) at least its smallest normal number."""
     if isinstance(threshold, (torch.Tensor, bool)) or not isinstance(threshold, (int, float)):
         raise TypeError(f"fastlayers.{opname}: threshold must be a Python float, got "

@@ -135,7 +135,7 @@ def fixed_hidden_mlp(x: Tensor, weight: Tensor, bias: Optional[Tensor], rand_wei
     flattened, through :class:`FixedHiddenMLPFunction` when a gradient is needed."""
     if not use_triton(x):
         y, _ = reference.fixed_hidden_mlp_body(x, weight, bias, rand_weight, c)
-        y, k = _halve.halve_until(y, threshold, return_count=True)
+        y, k = _halve.halve_until(y, threshold)
         return (y.sum() if reduce_sum else y), k
     x2 = x.reshape(math.prod(x.shape[:-1]), weight.shape[0])
     fp32_mode = fp32_matmul_mode()

@@ -28,9 +28,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .. import settings
 from .._backend import _torch_only_context, kernel_module, use_triton
-from .._validate import check_float
 from ._dispatch import call, needs_grad
 
 kernels = kernel_module("halve_until")
@@ -48,21 +46,6 @@ def threshold_in(dtype: torch.dtype, threshold: float) -> float:
 @functools.lru_cache(maxsize=256)
 def _rounded(dtype: torch.dtype, threshold: float) -> float:
     return float(torch.tensor(threshold, dtype=dtype))
-
-
-def _smallest_threshold(dtype: torch.dtype) -> float:
-    """The least Python float that rounds to at least dtype's smallest normal number (the
-    count rule needs a normal threshold): a bisection over float64 bit patterns."""
-    lo, hi = 0, struct.unpack("<q", struct.pack("<d", torch.finfo(dtype).tiny))[0]
-    while hi - lo > 1:  # threshold_in(hi) >= tiny > threshold_in(lo)
-        mid = (lo + hi) // 2
-        v = struct.unpack("<d", struct.pack("<q", mid))[0]
-        lo, hi = (lo, mid) if threshold_in(dtype, v) >= torch.finfo(dtype).tiny else (mid, hi)
-    return struct.unpack("<d", struct.pack("<q", hi))[0]
-
-
-SMALLEST_THRESHOLD = {d: _smallest_threshold(d) for d in (
-    torch.float32, torch.float16, torch.bfloat16, torch.float64)}
 
 
 def window_below(n: int, dtype: torch.dtype, t: float) -> int:
@@ -244,53 +227,13 @@ class HalveUntilFunction(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------- entry point
-def checks_enabled() -> bool:
-    """``FASTLAYERS_CHECK`` (:mod:`fastlayers.settings`): opt-in checks that may sync."""
-    return settings.check
-
-
-def validate_threshold(opname: str, dtype: torch.dtype, threshold) -> float:
-    """The threshold as a Python float; a clear error for values the loop cannot use.
-    Compile-safe (``dynamic=True`` makes it a SymFloat): plain comparisons only, which
-    dynamo turns into guards (``threshold != threshold`` is the NaN test)."""
-    if isinstance(threshold, (torch.Tensor, bool)) or not isinstance(
-            threshold, (int, float, torch.SymFloat, torch.SymInt)):
-        raise TypeError(f"{opname}: threshold must be a Python float (a tensor threshold "
-                        f"would need a device-to-host sync), got {type(threshold).__name__}")
-    threshold = threshold * 1.0  # int -> float (float() would specialize a SymFloat)
-    if threshold != threshold or threshold < 0:
-        raise ValueError(f"{opname}: threshold must be >= 0 (with {threshold} the seed's loop "
-                         f"`while x.abs().sum() > threshold` never ends or never starts)")
-    if threshold < SMALLEST_THRESHOLD[dtype]:
-        tiny = torch.finfo(dtype).tiny
-        raise ValueError(
-            f"{opname}: threshold {threshold} rounds below the smallest normal number "
-            f"{tiny} of {dtype}; sums that small do not halve exactly, so the loop count is "
-            f"not defined by one reduction. Use a threshold >= {tiny}")
-    return threshold
-
-
-def raise_if_forever(opname: str, k: Tensor) -> None:
-    """Under FASTLAYERS_CHECK=1 in eager mode: a clear error for an input holding ±inf
-    (reads k on the host: a sync on CUDA)."""
-    if not torch.compiler.is_compiling() and checks_enabled() and int(k) == K_FOREVER:
-        raise ValueError(
-            f"{opname}: the input holds ±inf, so the seed's loop `while x.abs().sum() > "
-            f"threshold: x /= 2` would never end (FASTLAYERS_CHECK=1 turns this into an "
-            f"error; without it the loop's limit is returned: finite elements become 0, "
-            f"±inf stays)")
-
-
-def halve_until(x: Tensor, threshold=1.0, return_count: bool = False):
-    """See :func:`fastlayers.functional.halve_until`."""
-    opname = "halve_until"
-    check_float(opname, "input", x)
-    threshold = validate_threshold(opname, x.dtype, threshold)
-    if _torch_only_context():  # torch.func transforms, forward-mode AD
-        y, k = HalveUntilFunction.apply(x, threshold)
-    elif needs_grad(x):
-        y, k = op(x, threshold)
-    else:
-        y, k = call(op, _impl, x, threshold)
-    raise_if_forever(opname, k)
-    return (y, k) if return_count else y
+def halve_until(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
+    """(y, k) for a validated x and threshold (``fastlayers.functional.halve_until``
+    checks them): THE place its path is chosen. torch.func transforms and forward-mode AD:
+    :class:`HalveUntilFunction`; autograd: the op with its own formula; otherwise the op's
+    implementation (kernels or the torch route, by :func:`use_triton`)."""
+    if _torch_only_context():
+        return HalveUntilFunction.apply(x, threshold)
+    if needs_grad(x):
+        return op(x, threshold)
+    return call(op, _impl, x, threshold)
