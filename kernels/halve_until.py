@@ -1,33 +1,21 @@
 """The seed's ``while x.abs().sum() > t: x /= 2`` without a device-to-host sync: the Triton
-side of ``fastlayers.ops.halve_until``, whose docstring states the count rule (k = #{j >= 0 :
-S_j > t}, S_j the sum of |x| halved j times element by element, t the threshold in x's
-dtype) and defines the window D (``window_below``) that the launchers take as an argument.
+side of ``fastlayers.ops.halve_until``, whose docstring states the count rule (k0 from S_0;
+the window k0 - 1 - D .. k0 + 1 when an element rounds; NaN -> 0; ±inf -> K_FOREVER).
+Launchers take t (the threshold in x's dtype) and the window D from the caller.
 
-Three launches, none waiting on the host: ``_halve_partials_kernel`` (a row of partial sums
-per program, columns ``COL_*``), ``_halve_count_kernel`` (one program: the rows -> k, int32
-in device memory) and ``_halve_scale_kernel`` (every element halved k times, bit-exactly). A
-block that one program holds whole counts in registers with :func:`count_in_block` instead:
-one launch (``_halve_one_kernel`` up to ONE_MAX elements; the fused FixedHiddenMLP at small
-batch).
+One launch when one program holds the elements (``_halve_one_kernel`` up to ONE_MAX; the
+fused FixedHiddenMLP at small batch): :func:`count_in_block` evaluates the rule, window
+included, in registers. Otherwise three, none waiting on the host: ``_halve_partials_kernel``
+(a row of partial sums per program, columns ``COL_*``), ``_halve_count_kernel`` (one
+program: rows -> k in device memory; the window by re-reading x, rare for fp32/bf16 since
+an element must reach the subnormal range) and ``_halve_scale_kernel``.
 
-How k is found:
-
-* k0 from the exponents and mantissas of S_0 and t (:func:`_halvings`): exact while no
-  element's halving rounds, since then S_j = S_0 * 2**-j. If S_0 overflows while every
-  element is finite, k0 comes from sum |x| * 2**-SCALE_DOWN instead.
-* If an element rounds within k0 halvings (its trailing-zero count in units of the smallest
-  subnormal is below k0) or S_0 overflowed, the sums S_j of the window k0 - 1 - D .. k0 + 1
-  decide: in registers (:func:`count_in_block`), or by re-reading x in the count program
-  (fp32/bf16: rare, an element must reach the subnormal range).
-* fp16 in the count kernel is the one exception, and why two algorithms exist: fp16
-  elements reach the subnormal range (< 2**-14) after a few halvings, so the window is the
-  common case, and one program re-reading a large x would be slow. Every fp16 |x| is an
-  integer N < 2**40 of quanta 2**-24, and halving it j times, half to even at each step, is
-  (N >> j) + bit j of the carries of N + (N >> 1). The partials count each bit of N and of
-  those carries, which gives every S_j exactly (fp32/bf16 magnitudes span 277/261 bits: too
-  many columns for that).
-* NaN anywhere: k = 0. ±inf and no NaN: k = K_FOREVER, and the scale kernel returns the
-  loop's limit: finite elements become zeros of their sign, ±inf stays.
+fp16 in the count kernel is the one place with a second algorithm, and why: fp16 elements
+reach the subnormal range (< 2**-14) after a few halvings, so the window is the common case,
+and one program re-reading a large x would be slow. Every fp16 |x| is an integer N < 2**40
+of quanta 2**-24, and halving it j times, half to even at each step, is (N >> j) + bit j of
+the carries of N + (N >> 1); the partials count each bit of N and of those carries, which
+gives every S_j exactly (fp32/bf16 magnitudes span 277/261 bits: too many columns).
 """
 import struct
 
@@ -383,22 +371,19 @@ def halve_scale(x_flat, k, out=None):
     return out
 
 
-def halve_until(x_flat, t, D, path="auto"):
+def halve_until(x_flat, t, D):
     """(y, k): the loop's result and its halving count for a contiguous 1-D tensor (t and
-    D as in :func:`halve_count`). path: "auto" (one launch for up to ONE_MAX elements,
-    else partials, count and scale), "one" or "multi" (forced, for tests)."""
+    D as in :func:`halve_count`): one launch for 1..ONE_MAX elements, else three."""
     n = x_flat.numel()
-    if path == "one" or (path == "auto" and 0 < n <= ONE_MAX):
-        if n > ONE_MAX:
-            raise ValueError(f"halve_until: one program holds <= {ONE_MAX} elements, got {n}")
-        y = torch.empty_like(x_flat)
-        k = torch.empty((), device=x_flat.device, dtype=torch.int32)
-        bits = BITS_DTYPE[x_flat.dtype]
-        with device_guard(x_flat):
-            _halve_one_kernel[(1,)](
-                x_flat.view(bits), y.view(bits), k, n, float(t), f32_bits(t), D,
-                FMT=FMT[x_flat.dtype], BLOCK=max(16, triton.next_power_of_2(n)),
-                num_warps=4 if n <= 1024 else 8)
-        return y, k
-    k = halve_count(x_flat, t, D)
-    return halve_scale(x_flat, k), k
+    if not 0 < n <= ONE_MAX:
+        k = halve_count(x_flat, t, D)
+        return halve_scale(x_flat, k), k
+    y = torch.empty_like(x_flat)
+    k = torch.empty((), device=x_flat.device, dtype=torch.int32)
+    bits = BITS_DTYPE[x_flat.dtype]
+    with device_guard(x_flat):
+        _halve_one_kernel[(1,)](
+            x_flat.view(bits), y.view(bits), k, n, float(t), f32_bits(t), D,
+            FMT=FMT[x_flat.dtype], BLOCK=max(16, triton.next_power_of_2(n)),
+            num_warps=4 if n <= 1024 else 8)
+    return y, k
