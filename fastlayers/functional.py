@@ -50,8 +50,9 @@ def centered(x: Tensor, dim=None) -> Tensor:
     """
     if has_torch_function_variadic(x):
         return handle_torch_function(centered, (x,), x, dim)
-    _validate.check_float("centered", "input", x)
-    dims = _centered.normalize_dims("centered", x.dim(), dim)
+    if not (isinstance(x, Tensor) and x.dtype.is_floating_point):  # the common case, fast
+        _validate.check_float("centered", "input", x)
+    dims = [] if dim is None else _centered.normalize_dims("centered", x.dim(), dim)
     if onnx_export.exporting():
         return onnx_export.centered(x, dims)
     return _centered.centered(x, dims)
