@@ -100,14 +100,18 @@ def linear_relu_ok(x, weight, bias) -> bool:
     if not (dtype.is_floating_point and weight.dtype is dtype and len(w_shape) == 2
             and x_shape and x_shape[-1] == w_shape[1]):
         return False
-    device = x.device
-    if weight.device != device:
-        return False
     if bias is not None:
         if not (isinstance(bias, Tensor) and bias.dtype is dtype):
             return False
         b_shape = bias.shape
-        if len(b_shape) != 1 or b_shape[0] != w_shape[0] or bias.device != device:
+        if len(b_shape) != 1 or b_shape[0] != w_shape[0]:
+            return False
+    if x.is_cpu:  # all on the CPU: no torch.device objects to build and compare
+        if not (weight.is_cpu and (bias is None or bias.is_cpu)):
+            return False
+    else:
+        device = x.device
+        if weight.device != device or (bias is not None and bias.device != device):
             return False
     return not _any_autocast()
 
