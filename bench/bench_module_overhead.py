@@ -6,7 +6,8 @@ CenteredLayer has two baselines, each its own paired ratio: the bare expression
 ``x - x.mean()`` (the fields ``ratio``, ``ours_us``, ``theirs_us``, ...: no module call on
 torch's side) and the seed's own CenteredLayer module (``fastlayers.tour.seed``, forward
 ``X - X.mean()``; the same fields under ``vs_module``): a module call against a module
-call, like for like.
+call, like for like. (Against the bare expression our side alone pays torch's
+``nn.Module.__call__``; the ratio of the two figures shows that cost.)
 
 Each round alternates ~1 ms chunks of calls of ours and of torch's (which side starts
 alternates between rounds) and takes the ratio of the two sums; the figure is the median over rounds,
