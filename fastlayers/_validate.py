@@ -4,6 +4,9 @@ Each public op has one ``check_<op>`` here; :mod:`fastlayers.functional` calls i
 import struct
 
 import torch
+from torch import Tensor
+
+_any_autocast = torch._C._is_any_autocast_enabled
 
 
 def check_float(op: str, name: str, t: torch.Tensor) -> None:
@@ -86,14 +89,33 @@ def check_bias(op: str, bias, features: int) -> None:
 
 
 def linear_relu_ok(x, weight, bias) -> bool:
-    """The common case in one expression (host time: every call pays it): float tensors of
-    one dtype, weight [out, in], x [..., in], bias [out] or None. False means "run
-    :func:`check_linear_relu`" (which raises, or passes when only the dtypes differ)."""
-    return (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)
-            and x.is_floating_point() and weight.dtype is x.dtype and weight.dim() == 2
-            and x.dim() > 0 and x.size(-1) == weight.size(1)
-            and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype is x.dtype
-                                  and bias.dim() == 1 and bias.size(0) == weight.size(0))))
+    """The common case, with the fewest Python-to-C++ calls (host time: every call pays
+    it): float tensors of one dtype on one device, weight [out, in], x [..., in], bias
+    [out] or None, autocast off. Each tensor's dtype, shape and device is read once.
+    False means "run :func:`prepare_linear_relu`" (which raises with a clear message, or
+    casts under autocast and passes)."""
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor)):
+        return False
+    dtype = x.dtype
+    x_shape = x.shape
+    w_shape = weight.shape
+    if not (dtype.is_floating_point and weight.dtype is dtype and len(w_shape) == 2
+            and x_shape and x_shape[-1] == w_shape[1]):
+        return False
+    if bias is not None:
+        if not (isinstance(bias, Tensor) and bias.dtype is dtype):
+            return False
+        b_shape = bias.shape
+        if len(b_shape) != 1 or b_shape[0] != w_shape[0]:
+            return False
+    if x.is_cpu:  # all on the CPU: no torch.device objects to build and compare
+        if not (weight.is_cpu and (bias is None or bias.is_cpu)):
+            return False
+    else:
+        device = x.device
+        if weight.device != device or (bias is not None and bias.device != device):
+            return False
+    return not _any_autocast()
 
 
 def check_linear_relu(x, weight, bias) -> None:

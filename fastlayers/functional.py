@@ -32,9 +32,7 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
     """
     if has_torch_function_variadic(x, weight, bias):  # FX proxies, tensor subclasses
         return handle_torch_function(linear_relu, (x, weight, bias), x, weight, bias)
-    if not (_validate.linear_relu_ok(x, weight, bias) and weight.device == x.device
-            and (bias is None or bias.device == x.device)
-            and not torch._C._is_any_autocast_enabled()):  # the common case costs ~1 us
+    if not _validate.linear_relu_ok(x, weight, bias):  # the common case, checked fast
         x, weight, bias = _validate.prepare_linear_relu(x, weight, bias)
     if onnx_export.exporting():  # torch.onnx.export: standard ONNX ops, not the custom op
         return onnx_export.linear_relu(x, weight, bias)
@@ -52,8 +50,9 @@ def centered(x: Tensor, dim=None) -> Tensor:
     """
     if has_torch_function_variadic(x):
         return handle_torch_function(centered, (x,), x, dim)
-    _validate.check_float("centered", "input", x)
-    dims = _centered.normalize_dims("centered", x.dim(), dim)
+    if not (isinstance(x, Tensor) and x.dtype.is_floating_point):  # the common case, fast
+        _validate.check_float("centered", "input", x)
+    dims = [] if dim is None else _centered.normalize_dims("centered", x.dim(), dim)
     if onnx_export.exporting():
         return onnx_export.centered(x, dims)
     return _centered.centered(x, dims)

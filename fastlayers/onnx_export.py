@@ -24,6 +24,7 @@ from . import reference
 _FLAGS = "torch.onnx._internal.exporter._flags"  # dynamo=True (torch's default) exporter
 _GLOBALS = ("torch.onnx._internal.torchscript_exporter._globals",  # dynamo=False, torch>=2.9
             "torch.onnx._globals")  # dynamo=False, older torch
+_tracing_state = torch._C._get_tracing_state  # not None while torch.jit traces
 K_FOREVER = 2 ** 31 - 1  # the count for an input holding +-inf (the seed's loop never ends)
 
 
@@ -37,7 +38,9 @@ def exporting() -> bool:
     Under Dynamo (torch.compile, and the dynamo exporter's strict capture strategy) only
     the first flag is read: Dynamo traces that module-global read (and guards on it), while
     torch's own function is folded to False and GLOBALS is an untraceable property; the
-    TorchScript exporter never runs under Dynamo."""
+    TorchScript exporter never runs under Dynamo, and runs the model under
+    ``torch.jit`` tracing, so in eager its flag is read only while a trace is recording
+    (saves the flag's property read on every call outside a trace)."""
     if torch.compiler.is_compiling():  # (sys.modules.get would guard on len(sys.modules))
         try:
             from torch.onnx._internal.exporter import _flags
@@ -47,6 +50,8 @@ def exporting() -> bool:
     flags = sys.modules.get(_FLAGS)
     if flags is not None and getattr(flags, "_is_onnx_exporting", False):
         return True
+    if _tracing_state() is None:  # the TorchScript exporter runs the model under jit tracing
+        return False
     for name in _GLOBALS:
         module = sys.modules.get(name)
         if module is not None:

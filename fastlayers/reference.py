@@ -7,6 +7,8 @@ as fast as eager torch and in float64 it is an independent high-precision refere
 import torch
 import torch.nn.functional as F
 
+_F16, _BF16 = torch.float16, torch.bfloat16
+
 
 def relu_grad(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """grad_out where out > 0, else 0: torch's own ReLU backward (threshold_backward: NaN
@@ -74,8 +76,9 @@ def centered_mean(x, dims=()):
 def centered(x, dims=()):
     """x - mean(x) over ``dims`` (all elements when empty: the seed's ``X - X.mean()``).
     16-bit x: mean and difference in fp32, rounded once to x's dtype."""
-    if x.dtype in (torch.float16, torch.bfloat16):
-        return (x - centered_mean(x, dims)).to(x.dtype)
+    dtype = x.dtype
+    if dtype is _F16 or dtype is _BF16:  # (identity: dtypes are singletons; cheaper than in)
+        return (x - centered_mean(x, dims)).to(dtype)
     return x - (x.mean(dims, keepdim=True) if dims else x.mean())
 
 
