@@ -193,6 +193,21 @@ def pytest_args(mutant):
     return args
 
 
+def imports_elsewhere():
+    """None when the tests import fastlayers and its kernels from this tree; else why not.
+    (An editable install of another checkout would run every mutant's tests against
+    unmutated code: bogus outcomes.) Asked in a fresh python, so this process and its
+    forked children never import fastlayers before a mutant is planted."""
+    code = ("import fastlayers, fastlayers.kernels.gemm as g; "
+            "print(fastlayers.__file__); print(g.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True).stdout.split()
+    if len(out) != 2 or not all(Path(f).resolve().is_relative_to(ROOT) for f in out):
+        return (f"mutate: the tests would import fastlayers from {out or 'nowhere'}, not "
+                f"from {ROOT}; run `pip install -e .` in this tree (its own venv) first")
+    return None
+
+
 def preload() -> None:
     """Import the heavy dependencies once in this process (not fastlayers: the children
     import the mutated files fresh), so each forked test run skips those imports."""
@@ -355,6 +370,10 @@ def main(argv=None) -> int:
         print(f"{len(todo)} mutants" + (f", {bad} do not apply" if args.check else ""))
         return 1 if bad else 0
 
+    problem = imports_elsewhere()
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     # SIGTERM -> KeyboardInterrupt, so the finally blocks restore the file.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     fork = hasattr(os, "fork") and not args.spawn
