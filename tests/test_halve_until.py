@@ -343,3 +343,24 @@ def test_small_tensor_is_one_launch(dtype):
         assert launches == want, f"n={n}: {launches}"
         ref, ref_k = reference.halve_until_loop(x, 1.0)
         assert int(k) == ref_k and torch.equal(y.cpu(), ref), f"n={n}"
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [7, 4097], ids=["one-program", "three-launches"])
+def test_nan_and_inf_on_both_launch_plans(dtype, n):
+    """NaN anywhere: the seed's loop stops at once (k = 0, y = x bit for bit). ±inf and no
+    NaN: the loop never ends; the limit (finite elements -> zeros of their sign, ±inf
+    kept) with k = K_FOREVER. n = 4097 takes partials, count and scale (ONE_MAX = 4096)."""
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    x = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 40).to(dtype)
+    with fastlayers.use_backend("triton"):
+        x_nan = x.clone()
+        x_nan[n // 2] = math.nan
+        y, k = F.halve_until(x_nan.to(KERNEL_DEVICE), return_count=True)
+        assert int(k) == 0 and torch.equal(y.cpu().view(bits), x_nan.view(bits))
+        x_inf = x.clone()
+        x_inf[n - 1], x_inf[0] = math.inf, -math.inf
+        y, k = F.halve_until(x_inf.to(KERNEL_DEVICE), return_count=True)
+    want = torch.where(torch.isinf(x_inf), x_inf, torch.copysign(torch.zeros_like(x_inf), x_inf))
+    assert int(k) == H.K_FOREVER and torch.equal(y.cpu().view(bits), want.view(bits))
