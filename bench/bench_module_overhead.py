@@ -10,11 +10,10 @@ call, like for like. (Against the bare expression our side alone pays torch's
 ``nn.Module.__call__``; the ratio of the two figures shows that cost.)
 
 Each round alternates ~1 ms chunks of calls of ours and of torch's (which side starts
-alternates between rounds) and takes the ratio of the two sums; the figure is the median over rounds,
-so load on a shared machine hits both sides of a pair alike. One intra-op thread
-(see :func:`one_thread`). The ratios (median, min,
-max, every round) go to the benchmark JSON's ``extra_info``; the benchmark's own timing is
-ours alone.
+alternates between rounds) and takes the ratio of the two sums; the figure is the median
+over rounds, so load on a shared machine hits both sides of a pair alike. One intra-op
+thread (see :func:`one_thread`). The ratios (median, min, max, every round) go to the
+benchmark JSON's ``extra_info``; the benchmark's own timing is ours alone.
 
     python -m pytest bench/bench_module_overhead.py --benchmark-only -p no:cacheprovider
 """

@@ -117,7 +117,7 @@ def _fused_config(d):
 
 
 def fixed_hidden_mlp_fwd(x, weight, bias, rand_weight, c, t, window, reduce_sum, save_h2,
-                  fp32_mode="ieee", path="auto"):
+                         fp32_mode="ieee", path="auto"):
     """(out, k, h2) for x [M, d], weight [d, d] (nn.Linear layout), bias [d] (any stride,
     0 too) or None, rand_weight [d, d]; same device and dtype (fp32, fp16 or bf16).
 

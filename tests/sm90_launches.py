@@ -238,8 +238,8 @@ def fixed_hidden_mlp_launches(kernels, full):
         for M, d, reduce_sum, save_h2 in combos:
             with case(f"fixed_hidden_mlp_fwd {prec} M={M} d={d} reduce_sum={reduce_sum} "
                       f"save_h2={save_h2}"):
-                fm.fixed_hidden_mlp_fwd(e(M, d), e(d, d), e(d), e(d, d), 1.0, 1.0, 0, reduce_sum,
-                                 save_h2, fp32_mode=mode)
+                fm.fixed_hidden_mlp_fwd(e(M, d), e(d, d), e(d), e(d, d), 1.0, 1.0, 0,
+                                        reduce_sum, save_h2, fp32_mode=mode)
         if prec == "fp32-ieee":
             with case(f"fixed_hidden_mlp_fwd {prec} M=4096 d=20 bias=None"):
                 fm.fixed_hidden_mlp_fwd(e(4096, 20), e(20, 20), None, e(20, 20), 1.0, 1.0, 0, False,

@@ -148,8 +148,8 @@ def test_gradcheck_float64():
             lambda *a, red=reduce: F.fixed_hidden_mlp(*a, r, reduce=red), (x, w, b))
         # the op-level path used under torch.compile
         assert torch.autograd.gradcheck(
-            lambda *a, s=reduce == "sum": ops.FixedHiddenMLPFunction.apply(*a, r, 1.0, 1.0, s,
-                                                                      "ieee")[0],
+            lambda *a, s=reduce == "sum": ops.FixedHiddenMLPFunction.apply(
+                *a, r, 1.0, 1.0, s, "ieee")[0],
             (x, w, b))
 
 

@@ -71,5 +71,6 @@ def test_gradient_for_large_counts(backend, exponent):
 def test_k_forever_is_one_value_in_ops_and_kernels():
     """K_FOREVER is written twice (ops must import without triton): one value."""
     from fastlayers.ops import halve_until as ops_halve
-    kernels = pytest.importorskip("fastlayers.kernels.halve_until", reason="triton is not installed")
+    kernels = pytest.importorskip("fastlayers.kernels.halve_until",
+                                  reason="triton is not installed")
     assert ops_halve.K_FOREVER == kernels.K_FOREVER == 2 ** 31 - 1

@@ -3,7 +3,6 @@ elements reach the subnormal range and round at each halving, so that the loop's
 no longer the first sum halved (issue 12 item 7): fp32, fp16, bf16 on both paths."""
 import contextlib
 import importlib
-import math
 
 import pytest
 import torch

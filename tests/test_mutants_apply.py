@@ -49,7 +49,8 @@ def test_the_check_finds_rot(tmp_path):
     src.write_text("def f(x):\n    return x < 1 or x < 1\n\n\ndef g(y):\n    return y + 2\n")
 
     def problem(find, replace="", file=src):
-        return mutate.apply_problem({"id": "t", "file": str(file), "find": find, "replace": replace})
+        return mutate.apply_problem({"id": "t", "file": str(file), "find": find,
+                                     "replace": replace})
 
     assert problem("return y + 2", "return y - 2") is None
     assert "occurs 0 times" in problem("return y + 3", "return y")

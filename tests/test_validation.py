@@ -85,6 +85,13 @@ def test_int_c_is_accepted_as_float(backend):
     assert_close_to_ref(y, torch.relu(a["x"].double() @ a["rand_weight"].double() + 2))
 
 
+@pytest.mark.parametrize("reduce", ["mean", "SUM", 0, True])
+def test_fixed_hidden_mlp_reduce_must_be_none_or_sum(backend, reduce):
+    a = _args(backend)
+    _refused(lambda: FL.fixed_hidden_mlp(a["x"], a["weight"], a["bias"], a["rand_weight"],
+                                         reduce=reduce), ValueError, "reduce must be None or 'sum'")
+
+
 def test_frozen_weight_that_requires_grad_is_refused(backend):
     a = _args(backend)
     rw = a["rand_weight"].clone().requires_grad_()

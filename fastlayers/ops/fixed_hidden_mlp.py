@@ -27,8 +27,8 @@ def _kernel_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], rand_weight: 
                 fp32_mode: str) -> Tuple[Tensor, Tensor, Tensor]:
     t = _halve.threshold_in(x.dtype, threshold)
     window = _halve.window_below(x.shape[0] * weight.shape[0], x.dtype, t)
-    return kernels.fixed_hidden_mlp_fwd(x, weight, bias, rand_weight, c, t, window, reduce_sum,
-                                 save_h2, fp32_mode)
+    return kernels.fixed_hidden_mlp_fwd(x, weight, bias, rand_weight, c, t, window,
+                                        reduce_sum, save_h2, fp32_mode)
 
 
 def _fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], rand_weight: Tensor, c: float,
@@ -93,8 +93,8 @@ def _differentiable_bwd(ctx, grad_out, x, weight, bias, rand_weight, k):
 def _backward(ctx, grad_out, _grad_k=None, _grad_h2=None):
     x, weight, bias, rand_weight, h2, k = ctx.saved_tensors
     if not ctx.save_h2:
-        raise RuntimeError("fastlayers::fixed_hidden_mlp_fwd: differentiate a call made with "
-                           "save_h2=True (the backward needs the hidden activation)")
+        raise RuntimeError("fastlayers::fixed_hidden_mlp_fwd: differentiate a call made "
+                           "with save_h2=True (the backward needs the hidden activation)")
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     grad_x = grad_w = grad_b = None
     if torch.is_grad_enabled():
