@@ -46,9 +46,11 @@ def test_scale_grad_is_g_times_two_to_minus_k_rounded_once(dtype):
     gen = torch.Generator().manual_seed(16)
     g = torch.randn(400, dtype=torch.float64, generator=gen) * torch.exp(
         torch.randn(400, dtype=torch.float64, generator=gen) * 25)
-    g = g.to(dtype)
+    # and the largest binade: g * 2**-k stays nonzero up to k = 277 in fp32/bf16
+    g = torch.cat([g, torch.tensor([1.5 * 2.0 ** 127, -2.0 ** 127, 1.75 * 2.0 ** 127],
+                                   dtype=torch.float64)]).to(dtype)
     g = g[torch.isfinite(g) & (g != 0)]
-    for k in KS + [1021, 1022, 1023, 1074, 1075, H.K_FOREVER]:
+    for k in KS + [275, 276, 277, 1021, 1022, 1023, 1074, 1075, H.K_FOREVER]:
         got = H.scale_grad(g, torch.tensor(k, dtype=torch.int32))
         want = _exact_scaled(g, k)
         assert got.dtype == dtype
