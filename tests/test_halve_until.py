@@ -276,6 +276,11 @@ def test_device_side_count_equals_host_count():
             assert int(H.torch_count(x, t)) == seed_loop(x)[1]
     for x in fp16_subnormal_sums():
         assert int(H.torch_count(x, 1.0)) == seed_loop(x)[1]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.tensor([3.0, math.nan, 1e30 if dtype != torch.float16 else 6e4], dtype=dtype)
+        assert int(H.torch_count(x, 1.0)) == seed_loop(x)[1] == 0  # NaN: never halves
+        x[1] = -math.inf  # the loop never ends
+        assert int(H.torch_count(x, 1.0)) == H.K_FOREVER
 
 
 @pytest.mark.parametrize("case, exc, words", [

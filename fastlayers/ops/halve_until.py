@@ -37,14 +37,10 @@ K_FOREVER = torch.iinfo(torch.int32).max  # "the loop never ends"; == kernels.ha
 _SCALE_DOWN = 64  # the overflow fallback sums |x| * 2**-64 (a finite sum for any finite x)
 
 
+@functools.lru_cache(maxsize=256)
 def threshold_in(dtype: torch.dtype, threshold: float) -> float:
     """The threshold as the seed's ``tensor > threshold`` sees it: rounded to ``dtype`` the
     way torch converts a Python scalar (through fp32 for 16-bit dtypes)."""
-    return _rounded(dtype, threshold)
-
-
-@functools.lru_cache(maxsize=256)
-def _rounded(dtype: torch.dtype, threshold: float) -> float:
     return float(torch.tensor(threshold, dtype=dtype))
 
 
@@ -95,7 +91,7 @@ def torch_count(x: Tensor, t: float) -> Tensor:
     for i in range(below + 3):
         j = lo + i
         k = torch.where(halve_bits(a, j).sum() > t, j + 1, k)
-    return torch.where((k0 == K_FOREVER) | torch.isnan(s0), k0, k).to(torch.int32)
+    return torch.where(k0 == K_FOREVER, k0, k).to(torch.int32)  # NaN: k0 = 0 and S_j > t never
 
 
 def halve_bits(x: Tensor, k: Tensor) -> Tensor:
