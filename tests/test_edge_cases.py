@@ -165,6 +165,10 @@ def test_gemm_autotune_pruning_keeps_the_boundary_configs():
     kept = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]) for c in _prune(configs, args)]
     assert kept == [(64, 64), (16, 32)]
     assert len(_prune([cfg(256, 256)], args)) == 1  # nothing fits: the last one stays
+    # shared memory exactly at the limit fits: 5 stages x (128 + 224) x 64 x 2 B = 220 KiB
+    big = [triton.Config(dict(BLOCK_M=128, BLOCK_N=224, BLOCK_K=64, GROUP_M=8), num_warps=8,
+                         num_stages=s) for s in (5, 6)]
+    assert _prune(big + configs[:1], {**args, "M_BUCKET": 64}) == [big[0], configs[0]]
 
 
 @pytest.mark.parametrize("dtype,tiny", [(torch.float32, 2.0 ** -149), (torch.float64, 2.0 ** -1074)])
