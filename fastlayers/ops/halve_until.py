@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .._backend import _torch_only_context, kernel_module, use_triton
-from ._dispatch import call, needs_grad
+from ._dispatch import call, eager, needs_grad
 
 kernels = kernel_module("halve_until")
 
@@ -125,9 +125,14 @@ def scale_grad(g: Tensor, k: Tensor) -> Tensor:
 
     2**-k is a power of two of the format (normal or subnormal) for k <= LOW (fp32: 149):
     one product, one rounding. A larger k first takes the rest k - LOW as two normal
-    powers, exact whenever the final result is not 0.
+    powers, exact whenever the final result is not 0. On the CPU in eager mode k is read
+    on the host (free there) and a normal power is one multiply by a Python float.
     """
     wide = torch.float64 if g.dtype == torch.float64 else torch.float32
+    if k.is_cpu and eager() and not _torch_only_context():
+        kk = int(k)
+        if kk <= (1022 if wide == torch.float64 else 126):  # 2**-kk: a normal number
+            return (g.to(wide) * 2.0 ** -kk).to(g.dtype)
     P, emax, ints = _format(wide)
     bias = emax >> 1
     low = bias - 1 + P  # 2**-low: the smallest subnormal
@@ -197,16 +202,19 @@ op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class HalveUntilFunction(torch.autograd.Function):
-    """(y, k) = halve_until(x, threshold), dy/dx = 2**-k (k is piecewise constant in x), for
-    ``torch.func`` transforms and forward-mode AD: tensor ops only (no host reads, so the
-    generated vmap rule batches it, each sample with its own k) and a jvp (tangent * 2**-k).
-    Elsewhere autograd goes through the op's own formula (``register_autograd`` above):
-    Dynamo cannot trace a Function with a custom jvp."""
+    """(y, k) = halve_until(x, threshold), dy/dx = 2**-k (k is piecewise constant in x), in
+    eager mode. Under ``torch.func`` transforms and forward-mode AD its forward takes tensor
+    ops only (no host reads, so the generated vmap rule batches it, each sample with its own
+    k), with a jvp (tangent * 2**-k); otherwise the op's implementation. Traced code
+    (torch.compile, export) takes the op with its own formula instead (``register_autograd``
+    above): Dynamo cannot trace a Function with a custom jvp."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x, threshold):
+        if not _torch_only_context():
+            return _impl(x, threshold)
         k = torch_count(x, threshold_in(x.dtype, threshold))
         return halve_bits(x.contiguous(), k), k
 
@@ -225,10 +233,11 @@ class HalveUntilFunction(torch.autograd.Function):
 # ------------------------------------------------------------------------- entry point
 def halve_until(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
     """(y, k) for a validated x and threshold (``fastlayers.functional.halve_until``
-    checks them): THE place its path is chosen. torch.func transforms and forward-mode AD:
-    :class:`HalveUntilFunction`; autograd: the op with its own formula; otherwise the op's
-    implementation (kernels or the torch route, by :func:`use_triton`)."""
-    if _torch_only_context():
+    checks them): THE place its path is chosen. Eager autograd, torch.func transforms and
+    forward-mode AD: :class:`HalveUntilFunction`; traced autograd: the op with its own
+    formula; otherwise the op's implementation (kernels or the torch route, by
+    :func:`use_triton`)."""
+    if _torch_only_context() or (needs_grad(x) and eager()):
         return HalveUntilFunction.apply(x, threshold)
     if needs_grad(x):
         return op(x, threshold)
