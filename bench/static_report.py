@@ -171,12 +171,17 @@ def render(gate, a, src):
         if serial:
             risk += "; wgmma serialised (C7515)"
         if name.endswith(f"B={1 << 20}"):
-            risk += "; the count kernel's serial loop is not modelled (issue 10: 150-220 us)"
+            from fastlayers.kernels.halve_until import COUNT_ROWS
+            steps = math.ceil(math.ceil((1 << 20) / 64) / COUNT_ROWS)  # 64-row MLP programs
+            risk += (f"; its count kernel reads the partial rows in {steps} serial steps of "
+                     f"{COUNT_ROWS} (about {steps * LATENCY_US:g} us at {LATENCY_US:g} us of "
+                     f"memory latency each, an assumption; not in the estimate)")
         lines.append(f"| {name} | {launches} | {est:.1f} us | {goal_s} | {text} | {risk} | "
                      f"{facts} |")
     lines += ["", "launches: Triton kernels + torch kernels of one call (torch kernels counted "
               "from the aten ops the launchers issue on CPU tensors). Not modelled: serial "
-              "loops inside a kernel (FixedHiddenMLP's count kernel at large B), L2 effects, "
+              "loops inside a kernel (FixedHiddenMLP's count kernel at large B: noted in "
+              "its row), L2 effects, "
               "tail effects other than wave quantisation of the main GEMM, wgmma "
               "serialisation (flagged, not costed). Host time of the fastlayers side of a "
               "call is measured on CPU by bench/bench_host_time.py."]

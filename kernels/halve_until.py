@@ -47,6 +47,8 @@ COL_BITS = tl.constexpr(SUM_COLS.value)  # FP16_BITS counts of each bit of N
 COL_CARRIES = tl.constexpr(COL_BITS.value + FP16_BITS.value)  # ... of each carry bit
 NPART = tl.constexpr(COL_CARRIES.value + FP16_BITS.value)
 ONE_MAX = 4096  # halve_until of up to this many elements: one program, one launch
+COUNT_ROWS = 1024  # partials rows per step of the count kernel's loop (fp32/bf16: 4 vectors)
+COUNT_ROWS_FP16 = 64  # fp16: two [rows, FP16_BITS] fp64 bit-count tiles per step
 
 
 # ------------------------------------------------------------------ element bit patterns
@@ -327,13 +329,15 @@ def _count(partials, row, t, D, dtype, x_flat=None, out=None):
     """k (int32 0-dim); also ``out`` = the scaled sum when given (SIGNED partials). x_flat:
     the tensor the partials describe, for the window (None: no window)."""
     k = torch.empty((), device=partials.device, dtype=torch.int32)
-    window = x_flat is not None and dtype != torch.float16
+    fp16 = dtype == torch.float16
+    window = x_flat is not None and not fp16
     with device_guard(partials):
         _halve_count_kernel[(1,)](
             partials, x_flat.view(BITS_DTYPE[dtype]) if window else partials, k,
             k if out is None else out, partials.shape[0], x_flat.numel() if window else 0,
-            float(t), f32_bits(t), D, ROW=row, FMT=FMT[dtype], EXACT16=dtype == torch.float16,
-            SUM=out is not None, WINDOW=window, BLOCK_P=64, BLOCK=1024, num_warps=4)
+            float(t), f32_bits(t), D, ROW=row, FMT=FMT[dtype], EXACT16=fp16,
+            SUM=out is not None, WINDOW=window, BLOCK_P=COUNT_ROWS_FP16 if fp16 else COUNT_ROWS,
+            BLOCK=1024, num_warps=4 if fp16 else 8)
     return k
 
 
