@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from ._validate import check_threshold
 
 _FLAGS = "torch.onnx._internal.exporter._flags"  # dynamo=True (torch's default) exporter
 _GLOBALS = ("torch.onnx._internal.torchscript_exporter._globals",  # dynamo=False, torch>=2.9
@@ -142,19 +143,6 @@ def _refuse_fp16(opname: str, x: Tensor) -> None:
             f"cast the ONNX model's input, or keep this block outside the exported graph.")
 
 
-def _check_threshold(opname: str, dtype: torch.dtype, threshold) -> None:
-    """The functional forms' threshold rule (_validate.check_threshold): a
-    Python number, not NaN, and (rounded to dtype) at least its smallest normal number."""
-    if isinstance(threshold, (torch.Tensor, bool)) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"fastlayers.{opname}: threshold must be a Python float, got "
-                        f"{type(threshold).__name__}")
-    t = _threshold_in(dtype, threshold)
-    if math.isnan(t) or t < torch.finfo(dtype).tiny:
-        raise ValueError(f"fastlayers.{opname}: threshold {threshold} is {t} in {dtype}; it "
-                         f"must be >= {torch.finfo(dtype).tiny} (the smallest normal number) "
-                         f"for the loop count to follow from one reduction")
-
-
 def linear_relu(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
     """relu(x @ weight.T + bias): Gemm/MatMul + Add + Relu in the graph."""
     return torch.relu(torch.nn.functional.linear(x, weight, bias))
@@ -175,7 +163,7 @@ def halve_until(x: Tensor, threshold: float = 1.0, return_count: bool = False):
     """:func:`halve_until_for_export` with the functional form's return convention
     (k as int32, like the op)."""
     _refuse_fp16("halve_until", x)
-    _check_threshold("halve_until", x.dtype, threshold)
+    check_threshold("halve_until", x.dtype, threshold)
     y, k = halve_until_for_export(x, threshold)
     return (y, k.to(torch.int32)) if return_count else y
 
@@ -188,7 +176,7 @@ def fixed_hidden_mlp(x: Tensor, weight: Tensor, bias: Tensor, rand_weight: Tenso
     if reduce not in (None, "sum"):
         raise ValueError(f"fixed_hidden_mlp: reduce must be None or 'sum', got {reduce!r}")
     _refuse_fp16("fixed_hidden_mlp", x)
-    _check_threshold("fixed_hidden_mlp", x.dtype, threshold)
+    check_threshold("fixed_hidden_mlp", x.dtype, threshold)
     h1 = torch.nn.functional.linear(x, weight, bias)
     y = torch.nn.functional.linear(fixed_hidden(h1, rand_weight, c), weight, bias)
     y, k = halve_until_for_export(y, threshold)
