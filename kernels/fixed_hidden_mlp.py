@@ -143,8 +143,10 @@ def fixed_hidden_mlp_fwd(x, weight, bias, rand_weight, c, t, window, reduce_sum,
     bits = halve.BITS_DTYPE[x.dtype]
     y = torch.empty((M, d) if write_y else (), device=x.device, dtype=x.dtype)
     h2 = torch.empty((M, d) if save_h2 else (0,), device=x.device, dtype=x.dtype)
-    k = torch.empty((), device=x.device, dtype=torch.int32)
-    part = torch.empty((0 if one else P, PART_ROW.value), device=x.device, dtype=torch.float32)
+    if one:  # this launch writes k; no partials (part: an unused pointer argument)
+        k = part = torch.empty((), device=x.device, dtype=torch.int32)
+    else:  # partials for the count kernel, which makes k (k: an unused pointer argument)
+        k = part = torch.empty((P, PART_ROW.value), device=x.device, dtype=torch.float32)
     if P:
         with device_guard(x):
             _fixed_hidden_mlp_fwd_kernel[(P,)](

@@ -129,13 +129,13 @@ def scale_grad(g: Tensor, k: Tensor) -> Tensor:
     on the host (free there) and a normal power is one multiply by a Python float.
     """
     wide = torch.float64 if g.dtype == torch.float64 else torch.float32
+    P, emax, ints = _format(wide)
+    bias = emax >> 1  # 2**-(bias - 1): the smallest normal number
+    low = bias - 1 + P  # 2**-low: the smallest subnormal
     if k.is_cpu and eager() and not _torch_only_context():
         kk = int(k)
-        if kk <= (1022 if wide == torch.float64 else 126):  # 2**-kk: a normal number
+        if kk <= bias - 1:
             return (g.to(wide) * 2.0 ** -kk).to(g.dtype)
-    P, emax, ints = _format(wide)
-    bias = emax >> 1
-    low = bias - 1 + P  # 2**-low: the smallest subnormal
     k = k.to(torch.int64)
     k_last = k.clamp(max=low)
     k1 = (k - k_last).clamp(max=bias - 1)
