@@ -41,8 +41,12 @@ def _exact_scaled(g, k):
     return (g.double() * 2.0 ** -k).to(g.dtype)
 
 
+@pytest.mark.parametrize("scale", [H.scale_grad, H.scale_grad_on_device],
+                         ids=["host-k", "device-k"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-def test_scale_grad_is_g_times_two_to_minus_k_rounded_once(dtype):
+def test_scale_grad_is_g_times_two_to_minus_k_rounded_once(dtype, scale):
+    """Both formulas: a CPU k read on the host (one multiply while 2**-k is normal), and
+    the tensor-only one every CUDA k takes."""
     gen = torch.Generator().manual_seed(16)
     g = torch.randn(400, dtype=torch.float64, generator=gen) * torch.exp(
         torch.randn(400, dtype=torch.float64, generator=gen) * 25)
@@ -51,7 +55,7 @@ def test_scale_grad_is_g_times_two_to_minus_k_rounded_once(dtype):
                                    dtype=torch.float64)]).to(dtype)
     g = g[torch.isfinite(g) & (g != 0)]
     for k in KS + [275, 276, 277, 1021, 1022, 1023, 1074, 1075, H.K_FOREVER]:
-        got = H.scale_grad(g, torch.tensor(k, dtype=torch.int32))
+        got = scale(g, torch.tensor(k, dtype=torch.int32))
         want = _exact_scaled(g, k)
         assert got.dtype == dtype
         assert torch.equal(got, want), f"k={k}: {int((got != want).sum())} of {g.numel()} differ"

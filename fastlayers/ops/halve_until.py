@@ -123,19 +123,28 @@ def halve_bits(x: Tensor, k: Tensor) -> Tensor:
 def scale_grad(g: Tensor, k: Tensor) -> Tensor:
     """g * 2**-k rounded once to g's dtype (0 for k = K_FOREVER), 16-bit g through fp32.
 
+    On the CPU in eager mode k is read on the host (free there), and when 2**-k is a normal
+    number it is one multiply by a Python float; otherwise :func:`scale_grad_on_device`.
+    """
+    wide = torch.float64 if g.dtype == torch.float64 else torch.float32
+    if k.is_cpu and eager() and not _torch_only_context():
+        kk = int(k)
+        if kk <= (_format(wide)[1] >> 1) - 1:  # 2**-(bias - 1): the smallest normal number
+            return (g.to(wide) * 2.0 ** -kk).to(g.dtype)
+    return scale_grad_on_device(g, k)
+
+
+def scale_grad_on_device(g: Tensor, k: Tensor) -> Tensor:
+    """:func:`scale_grad` from tensor ops only (no host read of k).
+
     2**-k is a power of two of the format (normal or subnormal) for k <= LOW (fp32: 149):
     one product, one rounding. A larger k first takes the rest k - LOW as two normal
-    powers, exact whenever the final result is not 0. On the CPU in eager mode k is read
-    on the host (free there) and a normal power is one multiply by a Python float.
+    powers, exact whenever the final result is not 0.
     """
     wide = torch.float64 if g.dtype == torch.float64 else torch.float32
     P, emax, ints = _format(wide)
-    bias = emax >> 1  # 2**-(bias - 1): the smallest normal number
+    bias = emax >> 1
     low = bias - 1 + P  # 2**-low: the smallest subnormal
-    if k.is_cpu and eager() and not _torch_only_context():
-        kk = int(k)
-        if kk <= bias - 1:
-            return (g.to(wide) * 2.0 ** -kk).to(g.dtype)
     k = k.to(torch.int64)
     k_last = k.clamp(max=low)
     k1 = (k - k_last).clamp(max=bias - 1)
