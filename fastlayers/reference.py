@@ -75,11 +75,20 @@ def centered_mean(x, dims=()):
 
 def centered(x, dims=()):
     """x - mean(x) over ``dims`` (all elements when empty: the seed's ``X - X.mean()``).
-    16-bit x: mean and difference in fp32, rounded once to x's dtype."""
+    16-bit x: mean and difference in fp32, rounded once to x's dtype. All elements of an
+    fp32/fp64 x whose size n is a power of two: ``x - x.sum() * (1/n)`` in one op, which is
+    bitwise ``x - x.mean()`` (torch's mean is sum / n, exact for n = 2**j), values and
+    gradients, and ~25% less host time on small CPU tensors; only a subnormal mean differs
+    (by less than one of its ulps: the product is not rounded before the subtraction)."""
     dtype = x.dtype
     if dtype is _F16 or dtype is _BF16:  # (identity: dtypes are singletons; cheaper than in)
         return (x - centered_mean(x, dims)).to(dtype)
-    return x - (x.mean(dims, keepdim=True) if dims else x.mean())
+    if dims:
+        return x - x.mean(dims, keepdim=True)
+    n = x.numel()
+    if n & (n - 1) == 0 and n:  # n = 2**j: see above
+        return torch.sub(x, x.sum(), alpha=1.0 / n)
+    return x - x.mean()
 
 
 # ---------------------------------------------------------------- the seed's halving loop

@@ -257,6 +257,23 @@ def test_float64_falls_back_to_torch_even_on_triton_backend():
         torch.testing.assert_close(F.centered(x, -1), x - x.mean(-1, keepdim=True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_path_is_x_minus_x_mean_bitwise(dtype):
+    """The torch path of the seed's CenteredLayer is torch's own ``x - x.mean()`` bit for
+    bit, values and gradients: power-of-two sizes (which take ``x - x.sum() * 2**-j``, one
+    op fewer) and other sizes alike, at magnitudes from 1e-30 to 1e30."""
+    for shape, scale in [((1,), 1.0), ((4, 128), 1.0), ((2, 3, 64), 1e30), ((256,), 1e-30),
+                         ((5,), 1.0), ((4, 100), 1e-3), ((1031,), 7.0)]:
+        x = (randn(*shape, dtype=dtype) * scale + 0.5 * scale).requires_grad_(True)
+        gy = randn(*shape, dtype=dtype)
+        with fastlayers.use_backend("torch"):
+            y = fastlayers.CenteredLayer()(x)
+        want = x - x.mean()
+        assert torch.equal(y, want), shape
+        assert torch.equal(torch.autograd.grad(y, x, gy)[0],
+                           torch.autograd.grad(want, x, gy)[0]), shape
+
+
 # ------------------------------------------------------------------------ CUDA only
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
