@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import device_guard, interpreting, sm_count
+from .runtime import cdiv, device_guard, interpreting, next_pow2, sm_count
 
 PATHS = ("persistent", "split", "segments")
 
@@ -163,7 +163,7 @@ def _center_persistent_kernel(x_ptr, y_ptr, part_ptr, bar_ptr, N, TILES,
 
 # ----------------------------------------------------------------------------- launchers
 def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    return next_pow2(max(int(n), 1))
 
 
 def _tile_elems(t: torch.Tensor) -> int:
@@ -219,22 +219,22 @@ def _persistent_plan(x: torch.Tensor):
     n = x.numel()
     if interpreting():  # programs run one after another there: one program does it all
         block = INTERPRETER_CONFIG["tile"]
-        return block, 1, triton.cdiv(n, block), 4
+        return block, 1, cdiv(n, block), 4
     if n * x.element_size() > GPU_CONFIG["persistent_max_bytes"]:
         return None
     slots = GPU_CONFIG["persistent_programs_per_sm"] * sm_count(x.device.index)
     tile = GPU_CONFIG["persistent_tile_elems"]
     if n % 16 or x.data_ptr() % 16:  # unvectorised loads: a 16K tile hits 128 regs, spills
         tile //= 2
-    block = min(tile, max(1024, _pow2(triton.cdiv(n, slots))))
+    block = min(tile, max(1024, _pow2(cdiv(n, slots))))
     return persistent_plan_for(n, block, slots)
 
 
 def persistent_plan_for(n: int, block: int, slots: int):
     """(block, programs, tiles per program, num_warps) of a persistent launch over n
     elements with tiles of ``block`` on at most ``slots`` programs (32 elements a thread)."""
-    programs = min(triton.cdiv(n, block), slots)
-    tiles = triton.cdiv(triton.cdiv(n, block), programs)
+    programs = min(cdiv(n, block), slots)
+    tiles = cdiv(cdiv(n, block), programs)
     return block, programs, tiles, max(4, min(GPU_CONFIG["persistent_num_warps"], block // 1024))
 
 
@@ -256,9 +256,9 @@ def _launch_split(x2, y2):
     warps = 4 if interp else cfg["num_warps"]
     per_sm = cfg["splits_per_sm"]
     sms = sm_count(x2.device.index) if x2.device.type == "cuda" else 1
-    splits = max(1, min(triton.cdiv(C, block), (per_sm * sms) // A))
-    chunk = triton.cdiv(triton.cdiv(C, splits), block) * block
-    splits = triton.cdiv(C, chunk)
+    splits = max(1, min(cdiv(C, block), (per_sm * sms) // A))
+    chunk = cdiv(cdiv(C, splits), block) * block
+    splits = cdiv(C, chunk)
     part = torch.empty(A * splits, dtype=torch.float32, device=x2.device)
     grid = (A * splits,)
     _split_partials_kernel[grid](x2, part, C, x2.stride(0), x2.stride(1), chunk, splits,
@@ -289,7 +289,7 @@ def _launch_segments(x3, y3):
     A, C, I = x3.shape
     ba, bc, bi, one_sweep = _segment_tile(x3)
     warps = 4 if interpreting() else GPU_CONFIG["num_warps"]
-    grid = (triton.cdiv(A, ba) * triton.cdiv(I, bi),)
+    grid = (cdiv(A, ba) * cdiv(I, bi),)
     _center_segments_kernel[grid](x3, y3, A, C, I, *x3.stride(), *y3.stride(),
                                   BLOCK_A=ba, BLOCK_C=bc, BLOCK_I=bi, ONE_SWEEP=one_sweep,
                                   num_warps=warps)

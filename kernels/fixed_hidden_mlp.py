@@ -21,7 +21,7 @@ import triton.language as tl
 from . import halve_until as halve
 from .gemm import fused_gemm
 from .halve_until import _halve_bits, _round_to, _to_f32, _total, _write_partials, count_in_block
-from .runtime import device_guard, dot_precision, interpreting
+from .runtime import cdiv, device_guard, dot_precision, interpreting, next_pow2
 
 FUSED_MAX_D = 64
 PART_ROW = halve.SUM_COLS  # [sum |y|, sum |y| * 2**-64, sum y, exact halvings]
@@ -110,7 +110,7 @@ def _fixed_hidden_mlp_fwd_kernel(
 
 
 def _fused_config(d):
-    dp = max(16, triton.next_power_of_2(d))
+    dp = max(16, next_pow2(d))
     if interpreting():
         return dp, 16, 4
     return dp, (64 if dp <= 32 else 32), 4
@@ -137,7 +137,7 @@ def fixed_hidden_mlp_fwd(x, weight, bias, rand_weight, c, t, window, reduce_sum,
         return _composed(x, weight, bias, rand_weight, c, t, window, reduce_sum, save_h2,
                          fp32_mode)
     dp, block_m, warps = _fused_config(d)
-    P = triton.cdiv(M, block_m)
+    P = cdiv(M, block_m)
     one, fp16 = P == 1, x.dtype == torch.float16
     write_y = not reduce_sum or (fp16 and not one)
     bits = halve.BITS_DTYPE[x.dtype]

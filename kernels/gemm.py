@@ -11,13 +11,15 @@ fixed-hidden matmul is (x, W, scalar=c, relu). Operands may have any strides (st
 included); offsets are 64-bit. Accumulation is fp32 for every dtype.
 """
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from . import gemm_tma
-from .runtime import autotuning, device_guard, dot_precision, interpreting, sm_count, tma_enabled
+from .runtime import (autotuning, cdiv, device_guard, dot_precision, interpreting, next_pow2,
+                      sm_count, tma_enabled)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Pruned per call by shared memory
 # use, so the fp32 and 16-bit cases each keep the ones that fit on a Hopper SM.
@@ -80,13 +82,13 @@ def _heuristic(M: int, N: int, K: int, elsize: int) -> tuple:
     aligned = N % 16 == 0 and K % 16 == 0
     # A K step no longer than K needs (each thread holds a pointer per loaded element:
     # oversized tiles of small, unaligned K spill registers).
-    bk = min(64 if elsize == 2 and aligned else 32, max(16, triton.next_power_of_2(K)))
+    bk = min(64 if elsize == 2 and aligned else 32, max(16, next_pow2(K)))
     if M <= 64:  # skinny: one row-tile, long K steps
-        bm = max(16, triton.next_power_of_2(M))
+        bm = max(16, next_pow2(M))
         cfg = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=2 * bk if aligned else bk, GROUP_M=8,
                    num_warps=4, num_stages=3)
     elif N <= 64 or K <= 64:  # memory-bound: small tiles, many programs in flight per SM
-        bn = max(32, min(64, triton.next_power_of_2(N)))
+        bn = max(32, min(64, next_pow2(N)))
         if elsize == 2 and aligned:
             cfg = dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=16, GROUP_M=8, num_warps=4,
                        num_stages=4)
@@ -112,7 +114,7 @@ def _prune(configs, named_args, **kwargs):
         smem = cfg.num_stages * (bm * bk + bk * bn) * elsize
         if smem > _SMEM_BYTES:
             continue
-        if bk > max(32, triton.next_power_of_2(k)) or bm > max(16, 2 * m_bucket):
+        if bk > max(32, next_pow2(k)) or bm > max(16, 2 * m_bucket):
             continue
         keep.append(cfg)
     return keep or configs[-1:]
@@ -221,10 +223,59 @@ def split_k_count(M: int, N: int, K: int, cfg: dict, sms: int) -> int:
     """K splits that fill the GPU when the output has fewer tiles than SMs (the weight
     gradient of a tall, thin Linear: a 64x64 output reduced over 262144 rows would
     otherwise run on one SM). At least 4 K steps per split; 1 when the tiles suffice."""
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
     if tiles >= sms:
         return 1
-    return max(1, min(triton.cdiv(2 * sms, tiles), K // (4 * cfg["BLOCK_K"]), 1024))
+    return max(1, min(cdiv(2 * sms, tiles), K // (4 * cfg["BLOCK_K"]), 1024))
+
+
+class LaunchPlan(NamedTuple):
+    """What a launch needs besides the tensors: computed once per problem (:func:`launch_plan`)."""
+    kernel: object  # _fused_gemm_kernel, or its autotuned wrapper
+    flags: dict  # the constexpr switches: HAS_GATE, HAS_BIAS, HAS_SCALAR, RELU, ROWSUM, ...
+    cfg: dict  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages ({}: autotuned)
+    meta: dict  # flags and cfg in one dict: the pointer kernel's keyword arguments
+    grid: object  # (programs, splits), or a function of the autotuner's chosen config
+    split_k: int
+    k_per_split: int  # the K range one program reduces
+    m_bucket: int  # next_power_of_2(M): the autotuner's key
+
+
+@functools.lru_cache(maxsize=4096)
+def launch_plan(M: int, N: int, K: int, dtype: torch.dtype, has_gate=False, has_bias=False,
+                has_scalar=False, relu=False, rowsum=False, fp32_mode="ieee", config=None,
+                split_k=None, sms=1, autotune=False) -> LaunchPlan:
+    """The launch plan of one problem, cached: a repeated call of the same shape and options
+    spends no Python on flags, configs, split-K or the grid.
+
+    M, N, K, dtype: the GEMM; has_*/relu/rowsum/fp32_mode/split_k: :func:`fused_gemm`'s
+    options; config: its config as a tuple of items (None: the shape heuristic); sms: the
+    device's SM count (split-K sizing); autotune: search ``_CONFIGS`` (no fixed config).
+    """
+    flags = dict(HAS_GATE=has_gate, HAS_BIAS=has_bias, HAS_SCALAR=has_scalar, RELU=relu,
+                 ROWSUM=rowsum, PRECISION=dot_precision(dtype, fp32_mode),
+                 UPCAST=interpreting() and dtype != torch.float32)
+    if autotune:
+        def grid(meta):
+            return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), 1)
+        return LaunchPlan(_fused_gemm_autotuned, flags, {}, flags, grid, 1, K,
+                          next_pow2(M))
+    cfg = dict(config) if config else (INTERPRETER_CONFIG if interpreting() else
+                                       heuristic_config(M, N, K, dtype.itemsize))
+    epilogue = has_bias or has_scalar or relu
+    if split_k is None:
+        split_k = 1 if interpreting() or epilogue else split_k_count(M, N, K, cfg, sms)
+    if split_k > 1 and epilogue:
+        raise ValueError("fused_gemm: split_k > 1 needs a GEMM without bias, scalar "
+                         "or relu (the epilogue runs once, on the whole sum)")
+    k_per_split = K
+    if split_k > 1:
+        step = cfg["BLOCK_K"]
+        k_per_split = cdiv(cdiv(K, split_k), step) * step
+        split_k = cdiv(K, k_per_split)
+    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), split_k)
+    return LaunchPlan(_fused_gemm_kernel, flags, cfg, {**flags, **cfg}, grid, split_k,
+                      k_per_split, next_pow2(M))
 
 
 def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=False,
@@ -256,11 +307,6 @@ def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=Fa
     if M == 0 or N == 0 or K == 0:
         _degenerate(a, gate, c, rs, bias, scalar, relu)
         return (c, rs) if rowsum else c
-    flags = dict(
-        HAS_GATE=gate is not None, HAS_BIAS=bias is not None, HAS_SCALAR=scalar is not None,
-        RELU=relu, ROWSUM=rowsum, PRECISION=dot_precision(a.dtype, fp32_mode),
-        UPCAST=interpreting() and a.dtype != torch.float32,
-    )
     if path == "tma" and not gemm_tma.eligible(a, b, gate):
         raise ValueError("fused_gemm: path='tma' needs 16-byte aligned operands with a "
                          "unit-stride dim (see kernels.gemm_tma.eligible)")
@@ -269,58 +315,42 @@ def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=Fa
     use_tma = path == "tma" or (path == "auto" and tma_enabled() and not interpreting()
                                 and not autotuning() and a.is_cuda and M * N >= TMA_MIN_OUTPUTS
                                 and gemm_tma.eligible(a, b, gate))
-    cfg = config or (INTERPRETER_CONFIG if interpreting() else
-                     heuristic_config(M, N, K, a.element_size()))
+    plan = launch_plan(M, N, K, a.dtype, gate is not None, bias is not None, scalar is not None,
+                       relu, rowsum, fp32_mode, None if config is None else tuple(config.items()),
+                       1 if use_tma else split_k, sm_count(a.device.index or 0),
+                       autotuning() and not interpreting() and not use_tma)
     with device_guard(a):
         if use_tma:
+            cfg = plan.cfg
             per_sm = 2 if cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 128 * 64 else 1
             sms = sm_count(a.device.index or 0) if a.is_cuda else 4
-            gemm_tma.launch(a, b, gate, bias, c, rs, scalar, flags, cfg, per_sm * sms)
-        elif autotuning() and not interpreting():
-            _launch_pointer(_fused_gemm_autotuned, a, b, gate, bias, scalar, c, rs, flags, {}, 1)
+            gemm_tma.launch(a, b, gate, bias, c, rs, scalar, plan.flags, cfg, per_sm * sms)
         else:
-            epilogue = bias is not None or scalar is not None or relu
-            if split_k is None:
-                split_k = 1 if interpreting() or epilogue else \
-                    split_k_count(M, N, K, cfg, sm_count(a.device.index or 0))
-            if split_k > 1 and epilogue:
-                raise ValueError("fused_gemm: split_k > 1 needs a GEMM without bias, scalar "
-                                 "or relu (the epilogue runs once, on the whole sum)")
-            _launch_pointer(_fused_gemm_kernel, a, b, gate, bias, scalar, c, rs, flags, cfg,
-                            split_k)
+            _launch_pointer(plan, a, b, gate, bias, scalar, c, rs)
     return (c, rs) if rowsum else c
 
 
-def _launch_pointer(kernel, a, b, gate, bias, scalar, c, rs, flags, cfg, split_k):
-    """Launch the pointer kernel (fixed ``cfg``, or autotuned when ``cfg`` is empty) with
-    ``split_k`` K splits; splits go to fp32 workspaces summed over the split axis."""
+def _launch_pointer(plan, a, b, gate, bias, scalar, c, rs):
+    """Launch the pointer kernel by ``plan``; K splits go to fp32 workspaces summed over
+    the split axis."""
     M, K = a.shape
     N = b.shape[1]
     c_out, rs_out = c, rs
-    k_per_split = K
+    split_k = plan.split_k
     if split_k > 1:
-        step = cfg["BLOCK_K"]
-        k_per_split = triton.cdiv(triton.cdiv(K, split_k), step) * step
-        split_k = triton.cdiv(K, k_per_split)
         c_out = torch.empty((split_k, M, N), device=a.device, dtype=torch.float32)
         rs_out = torch.empty((split_k, M), device=a.device, dtype=torch.float32) \
             if rs is not None else None
     gate_t = gate if gate is not None else a
     dummy = c_out
-    args = (
+    (sam, sak), (sbk, sbn), (sgm, sgk) = a.stride(), b.stride(), gate_t.stride()
+    plan.kernel[plan.grid](
         a, b, gate_t, bias if bias is not None else dummy, c_out,
         rs_out if rs_out is not None else dummy,
-        M, N, K, triton.next_power_of_2(M), k_per_split,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        gate_t.stride(0), gate_t.stride(1), c_out.stride(-2), c_out.stride(-1),
+        M, N, K, plan.m_bucket, plan.k_per_split,
+        sam, sak, sbk, sbn, sgm, sgk, c_out.stride(-2), c_out.stride(-1),
         M * N if split_k > 1 else 0, M if split_k > 1 else 0,
-        0.0 if scalar is None else float(scalar),
-    )
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
-
-    kernel[grid](*args, **flags, **cfg)
+        0.0 if scalar is None else float(scalar), **plan.meta)
     if split_k > 1:
         c.copy_(c_out.sum(0))
         if rs is not None:

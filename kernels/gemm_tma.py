@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .runtime import cdiv
+
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # triton without host-side descriptors: only the pointer kernel
@@ -150,7 +152,7 @@ def launch(a, b, gate, bias, c, rs, scalar, flags, cfg, num_programs):
     g_desc = descriptor(gate, 1, bm, bk)[0] if gate is not None else a_desc
     M, K = a.shape
     N = b.shape[1]
-    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    tiles = cdiv(M, bm) * cdiv(N, bn)
     programs = max(1, min(num_programs, tiles))
     _fused_gemm_tma_kernel[(programs,)](
         a_desc, b_desc, g_desc, bias if bias is not None else c, c, rs if rs is not None else c,

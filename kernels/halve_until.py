@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import device_guard
+from .runtime import cdiv, device_guard, next_pow2
 
 K_FOREVER = torch.iinfo(torch.int32).max  # "the loop never ends" (an input holds ±inf)
 FMT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -315,7 +315,7 @@ def halve_partials(x_flat, signed=False):
     signed: also the plain sum (column COL_SIGNED), for :func:`count_and_sum`."""
     n, fp16 = x_flat.numel(), x_flat.dtype == torch.float16
     block = 256 if fp16 else 1024  # fp16: [BLOCK, 64] bit-count tiles
-    part = torch.empty((triton.cdiv(n, block), NPART.value), device=x_flat.device,
+    part = torch.empty((cdiv(n, block), NPART.value), device=x_flat.device,
                        dtype=torch.float32)
     if n:
         with device_guard(x_flat):
@@ -369,7 +369,7 @@ def halve_scale(x_flat, k, out=None):
     n, bits = x_flat.numel(), BITS_DTYPE[x_flat.dtype]
     if n:
         with device_guard(x_flat):
-            _halve_scale_kernel[(triton.cdiv(n, 1024),)](
+            _halve_scale_kernel[(cdiv(n, 1024),)](
                 x_flat.view(bits), out.view(bits), k, n, FMT=FMT[x_flat.dtype], BLOCK=1024,
                 num_warps=4)
     return out
@@ -388,6 +388,6 @@ def halve_until(x_flat, t, D):
     with device_guard(x_flat):
         _halve_one_kernel[(1,)](
             x_flat.view(bits), y.view(bits), k, n, float(t), f32_bits(t), D,
-            FMT=FMT[x_flat.dtype], BLOCK=max(16, triton.next_power_of_2(n)),
+            FMT=FMT[x_flat.dtype], BLOCK=max(16, next_pow2(n)),
             num_warps=4 if n <= 1024 else 8)
     return y, k

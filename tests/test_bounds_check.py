@@ -99,9 +99,8 @@ def _gemm_without_n_mask(tmp_path):
 def _launch(gemm, kernel, a, b):
     M, N = a.shape[0], b.shape[1]
     c = torch.empty(M, N)
-    flags = dict(HAS_GATE=False, HAS_BIAS=False, HAS_SCALAR=False, RELU=True, ROWSUM=False,
-                 PRECISION="ieee", UPCAST=False)
-    gemm._launch_pointer(kernel, a, b, None, None, None, c, None, flags, gemm.INTERPRETER_CONFIG, 1)
+    plan = gemm.launch_plan(M, N, a.shape[1], a.dtype, relu=True)._replace(kernel=kernel)
+    gemm._launch_pointer(plan, a, b, None, None, None, c, None)
     return c
 
 

@@ -162,6 +162,34 @@ def test_split_k_refuses_an_epilogue():
         fused_gemm(a, b, relu=True, split_k=2)
 
 
+def test_launch_plan_is_reused_per_problem_and_strides_stay_per_call():
+    """The second call of a problem reuses its cached plan; the plan holds no strides, so
+    the same shape with other layouts and options is still right."""
+    from fastlayers.kernels.gemm import launch_plan
+    M, K, N = BLOCK + 5, 2 * BLOCK + 1, BLOCK - 3
+    bias = randn(N, device=KERNEL_DEVICE)
+    for a_t, b_t in [(False, False), (True, True), (False, True)]:
+        a, b = operand(M, K, a_t, torch.float32), operand(K, N, b_t, torch.float32)
+        before = launch_plan.cache_info()
+        c = fused_gemm(a, b, bias=bias, relu=True)
+        after = launch_plan.cache_info()
+        assert after.hits + after.misses == before.hits + before.misses + 1
+        assert_close_to_ref(c, ref_gemm(a, b, bias=bias, relu=True)[0], torch.float32)
+    assert after.hits > before.hits  # the layouts after the first share its plan
+    plain = fused_gemm(a, b)  # the same shape without the epilogue: its own plan
+    assert_close_to_ref(plain, ref_gemm(a, b)[0], torch.float32)
+
+
+def test_host_cdiv_and_next_pow2_are_tritons():
+    """The launchers' plain-Python cdiv / next_pow2 give triton's own values."""
+    import triton
+    from fastlayers.kernels.runtime import cdiv, next_pow2
+    for n in list(range(0, 300)) + [2 ** 31 - 1, 2 ** 31, 2 ** 40 + 3]:
+        assert next_pow2(n) == triton.next_power_of_2(n), n
+        for d in (1, 7, 16, 1024):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
 def test_heuristic_config_is_cached_but_returns_a_fresh_dict():
     a = heuristic_config(8192, 4096, 4096, 2)
     a["BLOCK_M"] = 1

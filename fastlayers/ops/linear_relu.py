@@ -119,9 +119,10 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         return reference.linear_relu(x, weight, bias)
     fp32_mode = fp32_matmul_mode()
     lead = x.shape[:-1]
-    x2 = x.reshape(math.prod(lead), x.shape[-1])  # not -1: in_features may be 0
+    flat = len(lead) == 1  # already [M, K]: no reshape either way (host time)
+    x2 = x if flat else x.reshape(math.prod(lead), x.shape[-1])  # not -1: K may be 0
     if needs_grad(x, weight, bias):
         y = LinearReLUFunction.apply(x2, weight, bias, fp32_mode)
     else:
         y = call(fwd_op, kernels.linear_relu_fwd, x2, weight, bias, fp32_mode)
-    return y.reshape(*lead, weight.shape[0])
+    return y if flat else y.reshape(*lead, weight.shape[0])
