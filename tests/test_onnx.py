@@ -10,9 +10,9 @@ import fastlayers
 from fastlayers import onnx_export
 from fastlayers.tour import seed as _seed
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
+onnx = pytest.importorskip("onnx", reason="ONNX export tests need onnx (pip install onnx)")
+ort = pytest.importorskip("onnxruntime", reason="ONNX export tests run the model in onnxruntime")
+pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript")
 
 EXPORTERS = [True, False]  # dynamo=True (default), dynamo=False
 STANDARD_DOMAINS = {"", "ai.onnx"}
