@@ -88,8 +88,8 @@ def halve_until(x: Tensor, threshold: float = 1.0, return_count: bool = False):
     when elements reach the subnormal range (each halving of a subnormal rounds). The torch
     path uses torch's own sums (the same device gives the loop's count exactly); the
     Triton path its fp32 partial sums (another summation order: a sum within rounding of
-    threshold * 2**j can differ), exact bit counts for fp16, and a window pass for
-    fp32/bf16 (see fastlayers.kernels.halve_until). The threshold is
+    threshold * 2**j can differ), every S_j for fp16, and a window pass for fp32/bf16
+    (see fastlayers.kernels.halve_until). The threshold is
     rounded to x's dtype as torch's comparison rounds it and must be >= the dtype's
     smallest normal number. A finite input whose fp32 |x|-sum overflows still gets the
     loop's answer. NaN in x: the loop stops at once, y = x, k = 0. ±inf in x: the loop

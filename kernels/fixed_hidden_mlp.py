@@ -8,7 +8,7 @@ the halved y (or its sum) and k: ONE launch. Otherwise each program writes y (no
 for ``reduce='sum'`` in fp32/bf16) plus a row of partial sums (sum |y|, sum |y| * 2**-64,
 sum y); then the one-program count kernel derives k (and, for ``reduce='sum'``, the result
 (sum y) * 2**-k directly), and the scale kernel halves y in place: 3 launches (2 for
-``reduce='sum'``); fp16 writes y and runs the exact fp16 count of the halving kernels.
+``reduce='sum'``); fp16 writes y and counts with the halving kernels (every S_j).
 Larger d composes three fused GEMMs and the halving kernels.
 
 Numerics: fp32 accumulation; every intermediate (L(x), the fixed-hidden output, y) is
@@ -172,7 +172,7 @@ def fixed_hidden_mlp_fwd(x, weight, bias, rand_weight, c, t, window, reduce_sum,
 
 
 def _halve_written(y, t, window, reduce_sum):
-    """(out, k) from a written y: the halving kernels (exact fp16 count) and, for
+    """(out, k) from a written y: the halving kernels (fp16: every S_j) and, for
     reduce_sum, torch's own sum of the halved tensor (the seed's ``X.sum()``)."""
     flat = y.view(-1)
     if reduce_sum and y.dtype != torch.float16:

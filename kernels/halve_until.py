@@ -10,12 +10,11 @@ included, in registers. Otherwise three, none waiting on the host: ``_halve_part
 program: rows -> k in device memory; the window by re-reading x, rare for fp32/bf16 since
 an element must reach the subnormal range) and ``_halve_scale_kernel``.
 
-fp16 in the count kernel is the one place with a second algorithm, and why: fp16 elements
-reach the subnormal range (< 2**-14) after a few halvings, so the window is the common case,
-and one program re-reading a large x would be slow. Every fp16 |x| is an integer N < 2**40
-of quanta 2**-24, and halving it j times, half to even at each step, is (N >> j) + bit j of
-the carries of N + (N >> 1); the partials count each bit of N and of those carries, which
-gives every S_j exactly (fp32/bf16 magnitudes span 277/261 bits: too many columns).
+fp16 in the multi-program plan takes the rule's definition itself, k = #{j : S_j > t}: fp16
+elements reach the subnormal range (< 2**-14) after a few halvings, so the window is the
+common case there, and one program re-reading a large x would be slow; but every finite fp16
+|x| is 0 after FP16_SUMS - 1 halvings, so the partials hold every S_j (fp32/bf16 would need
+277/261 columns).
 """
 import struct
 
@@ -33,7 +32,6 @@ _K_FOREVER = tl.constexpr(K_FOREVER)
 _TWO_M_SCALE = tl.constexpr(2.0 ** -SCALE_DOWN.value)
 _FMAX = tl.constexpr(torch.finfo(torch.float32).max)  # s > _FMAX means s = +inf
 _NO_ROUNDING = tl.constexpr(1 << 20)  # trailing zeros of 0, ±inf, NaN: more than any k0
-_FP16_QUANTUM = tl.constexpr(2.0 ** -24)  # fp16's smallest subnormal
 
 # Columns of a partials row (constexpr: the kernels index with them; .value on the host).
 # The fused FixedHiddenMLP kernel writes the first SUM_COLS.
@@ -42,13 +40,15 @@ COL_ABS_SCALED = tl.constexpr(1)  # sum |x| * 2**-SCALE_DOWN
 COL_SIGNED = tl.constexpr(2)  # sum x (only for SIGNED partials)
 COL_ZMIN = tl.constexpr(3)  # least trailing-zero count (exact halvings) of any element
 SUM_COLS = tl.constexpr(4)
-FP16_BITS = tl.constexpr(64)  # N < 2**40 and the carries of N + (N >> 1) fit one int64
-COL_BITS = tl.constexpr(SUM_COLS.value)  # FP16_BITS counts of each bit of N
-COL_CARRIES = tl.constexpr(COL_BITS.value + FP16_BITS.value)  # ... of each carry bit
-NPART = tl.constexpr(COL_CARRIES.value + FP16_BITS.value)
+# fp16 |x| < 2**16 is below 2**40 quanta (2**-24): 41 halvings leave 0, so S_41 > t only
+# for an infinite element. fp16 rows add S_0 .. S_41 (the sums of |x| halved j times).
+FP16_SUMS = tl.constexpr(42)
+_SUMS_TILE = tl.constexpr(64)  # FP16_SUMS rounded up to a power of two (a tl.arange length)
+COL_SUMS = tl.constexpr(SUM_COLS.value)
+NPART = tl.constexpr(COL_SUMS.value + FP16_SUMS.value)
 ONE_MAX = 4096  # halve_until of up to this many elements: one program, one launch
 COUNT_ROWS = 1024  # partials rows per step of the count kernel's loop (fp32/bf16: 4 vectors)
-COUNT_ROWS_FP16 = 64  # fp16: two [rows, FP16_BITS] fp64 bit-count tiles per step
+COUNT_ROWS_FP16 = 64  # fp16: one [rows, _SUMS_TILE] tile of the S_j columns per step
 
 
 # ------------------------------------------------------------------ element bit patterns
@@ -183,7 +183,7 @@ def count_in_block(u, mask, t, t_bits, D, FMT: tl.constexpr):
 # ------------------------------------------------------------------------- the kernels
 @triton.jit
 def _write_partials(row_ptr, u, mask, FMT: tl.constexpr, SIGNED: tl.constexpr,
-                    EXACT16: tl.constexpr):
+                    ALL_SUMS: tl.constexpr):
     """One partials row for the elements with bits ``u`` (2-D block; masked lanes ignored)."""
     mag = tl.where(mask, _magnitude_bits(u, FMT), 0)
     a = _to_f32(mag, FMT)
@@ -193,32 +193,25 @@ def _write_partials(row_ptr, u, mask, FMT: tl.constexpr, SIGNED: tl.constexpr,
         tl.store(row_ptr + COL_SIGNED, _total(tl.where(mask, _to_f32(u, FMT), 0.0)))
     z = tl.min(tl.min(_trailing_zeros(mag, FMT), axis=1), axis=0)
     tl.store(row_ptr + COL_ZMIN, z.to(tl.float32))
-    if EXACT16:
-        m, e = _significand(mag, FMT)
-        n = tl.where((mag >> 10) < 31, m.to(tl.int64) << e.to(tl.int64), 0)
-        n = tl.reshape(n, [n.numel])
-        q = n ^ (n >> 1) ^ (n + (n >> 1))  # carry into each bit of n + (n >> 1)
-        b = tl.arange(0, FP16_BITS).to(tl.int64)
-        tl.store(row_ptr + COL_BITS + b,
-                 tl.sum(((n[:, None] >> b[None, :]) & 1).to(tl.int32), axis=0).to(tl.float32))
-        tl.store(row_ptr + COL_CARRIES + b,
-                 tl.sum(((q[:, None] >> b[None, :]) & 1).to(tl.int32), axis=0).to(tl.float32))
+    if ALL_SUMS:  # fp16: every S_j, j < FP16_SUMS (module docstring)
+        for j in range(0, FP16_SUMS):
+            tl.store(row_ptr + COL_SUMS + j, _total(_to_f32(_halve_bits(mag, j, FMT), FMT)))
 
 
 @triton.jit
 def _halve_partials_kernel(bits_ptr, part_ptr, n, FMT: tl.constexpr, SIGNED: tl.constexpr,
-                           EXACT16: tl.constexpr, BLOCK: tl.constexpr):
+                           ALL_SUMS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     u = _load_bits(bits_ptr, offs, mask, FMT)
     _write_partials(part_ptr + pid.to(tl.int64) * NPART, u[None, :], mask[None, :], FMT,
-                    SIGNED, EXACT16)
+                    SIGNED, ALL_SUMS)
 
 
 @triton.jit
 def _halve_count_kernel(part_ptr, bits_ptr, k_ptr, out_ptr, P, n, t, t_bits, D,
-                        ROW: tl.constexpr, FMT: tl.constexpr, EXACT16: tl.constexpr,
+                        ROW: tl.constexpr, FMT: tl.constexpr, ALL_SUMS: tl.constexpr,
                         SUM: tl.constexpr, WINDOW: tl.constexpr, BLOCK_P: tl.constexpr,
                         BLOCK: tl.constexpr):
     """k from P partials rows of ROW floats (vector accumulators, one reduction at the
@@ -228,9 +221,8 @@ def _halve_count_kernel(part_ptr, bits_ptr, k_ptr, out_ptr, P, n, t, t_bits, D,
     acc1 = tl.zeros([BLOCK_P], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_P], dtype=tl.float32)
     zmin = tl.full([BLOCK_P], _NO_ROUNDING, dtype=tl.float32)
-    b = tl.arange(0, FP16_BITS)
-    cn = tl.zeros([BLOCK_P, FP16_BITS], dtype=tl.float64)
-    cq = tl.zeros([BLOCK_P, FP16_BITS], dtype=tl.float64)
+    j = tl.arange(0, _SUMS_TILE)  # the S_j columns of fp16 rows (j < FP16_SUMS)
+    sums = tl.zeros([BLOCK_P, _SUMS_TILE], dtype=tl.float32)
     for start in range(0, P, BLOCK_P):
         rows = (start + tl.arange(0, BLOCK_P)).to(tl.int64)
         ok = rows < P
@@ -240,22 +232,15 @@ def _halve_count_kernel(part_ptr, bits_ptr, k_ptr, out_ptr, P, n, t, t_bits, D,
         zmin = tl.minimum(zmin, tl.load(row + COL_ZMIN, mask=ok, other=_NO_ROUNDING))
         if SUM:
             acc2 += tl.load(row + COL_SIGNED, mask=ok, other=0.0)
-        if EXACT16:
-            cn += tl.load(row[:, None] + COL_BITS + b[None, :], mask=ok[:, None],
-                          other=0.0).to(tl.float64)
-            cq += tl.load(row[:, None] + COL_CARRIES + b[None, :], mask=ok[:, None],
-                          other=0.0).to(tl.float64)
+        if ALL_SUMS:
+            sums += tl.load(row[:, None] + COL_SUMS + j[None, :],
+                            mask=ok[:, None] & (j < FP16_SUMS)[None, :], other=0.0)
     s0 = tl.sum(acc0, axis=0)  # fp32: +inf only when an element is (fp16 sums cannot overflow it)
-    if EXACT16:
-        # S_j in quanta = sum_{b >= j} count_b * 2**(b - j) + carries_j, exact in fp64
-        j = b[:, None]
-        bb = b[None, :]
-        pw = tl.where(bb >= j, ((bb - j + 1023).to(tl.int64) << 52).to(tl.float64, bitcast=True),
-                      0.0)
-        total = tl.sum(tl.sum(cn, axis=0)[None, :] * pw, axis=1) + tl.sum(cq, axis=0)
-        k = tl.sum((_round_to((total * _FP16_QUANTUM).to(tl.float32), FMT) > t).to(tl.int32),
-                   axis=0)
-        k = tl.where(s0 > _FMAX, tl.where(t > _FMAX, 0, _K_FOREVER), k)
+    if ALL_SUMS:  # k = #{j : S_j > t}; S_41 > t: an infinite element, the loop never ends
+        above = _round_to(tl.sum(sums, axis=0), FMT) > t
+        k = tl.sum((above & (j < FP16_SUMS - 1)).to(tl.int32), axis=0)
+        k = tl.where(tl.sum((above & (j == FP16_SUMS - 1)).to(tl.int32), axis=0) > 0,
+                     _K_FOREVER, k)
     else:
         s0 = _round_to(s0, FMT)
         k = _first_guess(s0, tl.sum(acc1, axis=0), t, t_bits)
@@ -313,15 +298,15 @@ def f32_bits(value: float) -> int:
 def halve_partials(x_flat, signed=False):
     """[P, NPART] fp32 partials of a contiguous 1-D tensor (P = number of programs);
     signed: also the plain sum (column COL_SIGNED), for :func:`count_and_sum`."""
-    n, fp16 = x_flat.numel(), x_flat.dtype == torch.float16
-    block = 256 if fp16 else 1024  # fp16: [BLOCK, 64] bit-count tiles
+    n, block = x_flat.numel(), 1024
     part = torch.empty((cdiv(n, block), NPART.value), device=x_flat.device,
                        dtype=torch.float32)
     if n:
         with device_guard(x_flat):
             _halve_partials_kernel[(part.shape[0],)](
                 x_flat.view(BITS_DTYPE[x_flat.dtype]), part, n, FMT=FMT[x_flat.dtype],
-                SIGNED=signed, EXACT16=fp16, BLOCK=block, num_warps=8)
+                SIGNED=signed, ALL_SUMS=x_flat.dtype == torch.float16, BLOCK=block,
+                num_warps=8)
     return part
 
 
@@ -335,7 +320,7 @@ def _count(partials, row, t, D, dtype, x_flat=None, out=None):
         _halve_count_kernel[(1,)](
             partials, x_flat.view(BITS_DTYPE[dtype]) if window else partials, k,
             k if out is None else out, partials.shape[0], x_flat.numel() if window else 0,
-            float(t), f32_bits(t), D, ROW=row, FMT=FMT[dtype], EXACT16=fp16,
+            float(t), f32_bits(t), D, ROW=row, FMT=FMT[dtype], ALL_SUMS=fp16,
             SUM=out is not None, WINDOW=window, BLOCK_P=COUNT_ROWS_FP16 if fp16 else COUNT_ROWS,
             BLOCK=1024, num_warps=4 if fp16 else 8)
     return k
