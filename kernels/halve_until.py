@@ -236,11 +236,9 @@ def _halve_count_kernel(part_ptr, bits_ptr, k_ptr, out_ptr, P, n, t, t_bits, D,
             sums += tl.load(row[:, None] + COL_SUMS + j[None, :],
                             mask=ok[:, None] & (j < FP16_SUMS)[None, :], other=0.0)
     s0 = tl.sum(acc0, axis=0)  # fp32: +inf only when an element is (fp16 sums cannot overflow it)
-    if ALL_SUMS:  # k = #{j : S_j > t}; S_41 > t: an infinite element, the loop never ends
-        above = _round_to(tl.sum(sums, axis=0), FMT) > t
-        k = tl.sum((above & (j < FP16_SUMS - 1)).to(tl.int32), axis=0)
-        k = tl.where(tl.sum((above & (j == FP16_SUMS - 1)).to(tl.int32), axis=0) > 0,
-                     _K_FOREVER, k)
+    if ALL_SUMS:  # k = #{j : S_j > t}; all FP16_SUMS: S_41 > t, an infinite element
+        k = tl.sum((_round_to(tl.sum(sums, axis=0), FMT) > t).to(tl.int32), axis=0)
+        k = tl.where(k == FP16_SUMS, _K_FOREVER, k)
     else:
         s0 = _round_to(s0, FMT)
         k = _first_guess(s0, tl.sum(acc1, axis=0), t, t_bits)

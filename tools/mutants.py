@@ -109,6 +109,10 @@ MUTANTS = [
     M("runtime-cdiv-floor", "kernels/runtime.py", "return -(-a // b)", "return a // b",
       "host cdiv rounds down: the last partial tile gets no program", tests=[
           T + "test_gemm.py", T + "test_centered.py"]),
+    M("halve-fp16-no-forever", H, "k = tl.where(k == FP16_SUMS, _K_FOREVER, k)", "k = k",
+      "fp16 with an infinite element counts 42 halvings instead of 'never ends'"),
+    M("halve-fp16-sums-short", H, "for j in range(0, FP16_SUMS):", "for j in range(0, FP16_SUMS - 2):",
+      "fp16 partials miss the last S_j (their columns stay unwritten)"),
     # ---------------------------------------------------------------- kernels/centered.py
     M("centered-flat-offset", C, "return t.as_strided((t.numel(),), (1,), t.storage_offset())",
       "return t.as_strided((t.numel(),), (1,), 0)", "flat view drops the storage offset"),
