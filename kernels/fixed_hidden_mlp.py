@@ -8,7 +8,8 @@ the halved y (or its sum) and k: ONE launch. Otherwise each program writes y (no
 for ``reduce='sum'`` in fp32/bf16) plus a row of partial sums (sum |y|, sum |y| * 2**-64,
 sum y); then the one-program count kernel derives k (and, for ``reduce='sum'``, the result
 (sum y) * 2**-k directly), and the scale kernel halves y in place: 3 launches (2 for
-``reduce='sum'``); fp16 writes y and counts with the halving kernels (every S_j).
+``reduce='sum'``). fp16 rows also hold every S_j (see kernels.halve_until); its
+``reduce='sum'`` writes and halves y, then sums it with torch (the seed's ``X.sum()``).
 Larger d composes three fused GEMMs and the halving kernels.
 
 Numerics: fp32 accumulation; every intermediate (L(x), the fixed-hidden output, y) is
@@ -24,7 +25,9 @@ from .halve_until import _halve_bits, _round_to, _to_f32, _total, _write_partial
 from .runtime import cdiv, device_guard, dot_precision, interpreting, next_pow2
 
 FUSED_MAX_D = 64
-PART_ROW = halve.SUM_COLS  # [sum |y|, sum |y| * 2**-64, sum y, exact halvings]
+# Partials row: [sum |y|, sum |y| * 2**-64, sum y, exact halvings] (+ every S_j for fp16)
+PART_ROW = {torch.float32: halve.SUM_COLS.value, torch.bfloat16: halve.SUM_COLS.value,
+            torch.float16: halve.NPART.value}
 
 
 @triton.jit
@@ -54,7 +57,7 @@ def _fixed_hidden_mlp_fwd_kernel(
     M, D, stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_rk, stride_rn, c,
     t, t_bits, window,
     HAS_BIAS: tl.constexpr, FMT: tl.constexpr, WRITE_Y: tl.constexpr,
-    SAVE_H2: tl.constexpr, PARTIALS: tl.constexpr, ONE: tl.constexpr,
+    SAVE_H2: tl.constexpr, PARTIALS: tl.constexpr, ROW: tl.constexpr, ONE: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, DP: tl.constexpr,
 ):
     """y = L(relu(L(x) @ R + c)) for a block of BLOCK_M rows (the module docstring). ONE:
@@ -105,8 +108,8 @@ def _fixed_hidden_mlp_fwd_kernel(
     elif WRITE_Y:
         tl.store(y_ptr + offs, _bits_of(y, FMT).to(y_ptr.dtype.element_ty), mask=md_ok)
     if PARTIALS:
-        _write_partials(part_ptr + pid.to(tl.int64) * PART_ROW, _bits_of(y, FMT), md_ok, FMT,
-                        True, False)
+        _write_partials(part_ptr + pid.to(tl.int64) * ROW, _bits_of(y, FMT), md_ok, FMT,
+                        FMT != 1, FMT == 1)
 
 
 def _fused_config(d):
@@ -126,7 +129,7 @@ def fixed_hidden_mlp_fwd(x, weight, bias, rand_weight, c, t, window, reduce_sum,
     it), else an empty tensor. t: the threshold in x's dtype; window: the count rule's D
     for M * d elements. path: "auto" (fused for d <= FUSED_MAX_D), "fused" or "composed"
     (forced, for tests). Launches: 1 when one program covers the batch, else 3 (2 for
-    reduce_sum in fp32/bf16).
+    reduce_sum in fp32/bf16; fp16's reduce_sum adds torch's sum of the halved y).
     """
     M, d = x.shape
     fused = path == "fused" or (path == "auto" and d <= FUSED_MAX_D)
@@ -146,7 +149,7 @@ def fixed_hidden_mlp_fwd(x, weight, bias, rand_weight, c, t, window, reduce_sum,
     if one:  # this launch writes k; no partials (part: an unused pointer argument)
         k = part = torch.empty((), device=x.device, dtype=torch.int32)
     else:  # partials for the count kernel, which makes k (k: an unused pointer argument)
-        k = part = torch.empty((P, PART_ROW.value), device=x.device, dtype=torch.float32)
+        k = part = torch.empty((P, PART_ROW[x.dtype]), device=x.device, dtype=torch.float32)
     if P:
         with device_guard(x):
             _fixed_hidden_mlp_fwd_kernel[(P,)](
@@ -156,19 +159,18 @@ def fixed_hidden_mlp_fwd(x, weight, bias, rand_weight, c, t, window, reduce_sum,
                 bias.stride(0) if bias is not None else 0, rand_weight.stride(0),
                 rand_weight.stride(1), float(c), float(t), halve.f32_bits(t), window,
                 HAS_BIAS=bias is not None, FMT=halve.FMT[x.dtype], WRITE_Y=write_y,
-                SAVE_H2=save_h2, PARTIALS=not (one or fp16), ONE=one,
+                SAVE_H2=save_h2, PARTIALS=not one, ROW=PART_ROW[x.dtype], ONE=one,
                 PRECISION=dot_precision(x.dtype, fp32_mode),
                 UPCAST=interpreting() and x.dtype != torch.float32, BLOCK_M=block_m, DP=dp,
                 num_warps=warps)
     if one:
         return y, k, h2
-    if fp16:
-        return (*_halve_written(y, t, window, reduce_sum), h2)
-    if reduce_sum:
-        k, out = halve.count_and_sum(part, t, x.dtype, row=PART_ROW.value)
+    if reduce_sum and not fp16:
+        k, out = halve.count_and_sum(part, t, x.dtype, row=PART_ROW[x.dtype])
         return out, k, h2
-    k = halve.halve_count(y, t, window, partials=part, row=PART_ROW.value)
-    return halve.halve_scale(y.view(-1), k, out=y.view(-1)).view(M, d), k, h2
+    k = halve.halve_count(y, t, window, partials=part, row=PART_ROW[x.dtype])
+    halve.halve_scale(y.view(-1), k, out=y.view(-1))
+    return (y.sum() if reduce_sum else y), k, h2  # fp16's sum: torch's, the seed's X.sum()
 
 
 def _halve_written(y, t, window, reduce_sum):
