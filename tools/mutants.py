@@ -155,6 +155,9 @@ MUTANTS = [
       "    if (s0 > _FMAX) & (k != _K_FOREVER) & (s0 == s0):",
       "one-program count ignores elements that round (no window)"),
     # ---------------------------------------------------------------- kernels/fixed_hidden_mlp.py
+    M("fmk-fp16-no-sums", FM, "FMT != 1, FMT == 1)", "FMT != 1, False)",
+      "fp16 partials rows without their S_j columns", tests=[
+          T + "test_fixed_hidden_mlp_kernel.py", T + "test_blocks.py"]),
     M("fmk-relu-nan", FM, "tl.where(z < 0, 0.0, z), 0.0)", "tl.maximum(z, 0.0), 0.0)",
       "fused MLP ReLU: NaN becomes 0"),
     M("fmk-x-no-m-mask", FM,
