@@ -213,3 +213,6 @@ def test_split_k_count_fills_the_gpu_only_when_tiles_are_few():
     big = heuristic_config(4096, 4096, 8192, 2)
     assert split_k_count(4096, 4096, 8192, big, 132) == 1   # 512 tiles already fill it
     assert split_k_count(64, 64, 100, cfg, 132) == 1        # too little K to split
+    tile = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)  # exactly as many tiles as SMs: no split
+    assert split_k_count(11 * 64, 12 * 64, 1 << 16, tile, 132) == 1
+    assert split_k_count(11 * 64, 12 * 64, 1 << 16, tile, 133) == 3  # one SM more: split
