@@ -21,6 +21,7 @@ CUDA tensors cost no device-to-host copy (the count stays on the device); CPU te
 take the first case with host reads and one multiply (:func:`_cpu_common_case`).
 """
 import functools
+import inspect
 import math
 import struct
 from typing import Tuple
@@ -238,6 +239,10 @@ class HalveUntilFunction(torch.autograd.Function):
     def jvp(ctx, x_tangent, _threshold_tangent):
         return scale_grad(x_tangent, ctx.saved_tensors[0]), None
 
+
+# Function.apply binds a setup_context-style forward's arguments with inspect.signature on
+# every call (~13 us of a 2x20 call on the dev CPU); inspect returns a stored one at once.
+HalveUntilFunction.forward.__signature__ = inspect.signature(HalveUntilFunction.forward)
 
 # ------------------------------------------------------------------------- entry point
 def halve_until(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
