@@ -165,22 +165,21 @@ def fixed_hidden_mlp_fwd(x, weight, bias, rand_weight, c, t, window, reduce_sum,
                 num_warps=warps)
     if one:
         return y, k, h2
-    if reduce_sum and not fp16:
-        k, out = halve.count_and_sum(part, t, x.dtype, row=PART_ROW[x.dtype])
-        return out, k, h2
-    k = halve.halve_count(y, t, window, partials=part, row=PART_ROW[x.dtype])
-    halve.halve_scale(y.view(-1), k, out=y.view(-1))
-    return (y.sum() if reduce_sum else y), k, h2  # fp16's sum: torch's, the seed's X.sum()
+    return (*_halve(y, t, window, reduce_sum, part, PART_ROW[x.dtype]), h2)
 
 
-def _halve_written(y, t, window, reduce_sum):
-    """(out, k) from a written y: the halving kernels (fp16: every S_j) and, for
-    reduce_sum, torch's own sum of the halved tensor (the seed's ``X.sum()``)."""
-    flat = y.view(-1)
+def _halve(y, t, window, reduce_sum, part=None, row=halve.NPART.value):
+    """(out, k) by the halving kernels from y's partials rows (``row`` floats each), which
+    the fused kernel wrote or, when ``part`` is None, a pass over the written y makes.
+    reduce_sum: fp32/bf16 take (sum y) * 2**-k from the rows (y need not be written); fp16
+    halves y and sums it with torch (the seed's ``X.sum()``)."""
     if reduce_sum and y.dtype != torch.float16:
-        k, out = halve.count_and_sum(halve.halve_partials(flat, signed=True), t, y.dtype)
+        if part is None:
+            part = halve.halve_partials(y.view(-1), signed=True)
+        k, out = halve.count_and_sum(part, t, y.dtype, row=row)
         return out, k
-    k = halve.halve_count(flat, t, window)
+    flat = y.view(-1)
+    k = halve.halve_count(flat, t, window, partials=part, row=row)
     halve.halve_scale(flat, k, out=flat)
     return (y.sum() if reduce_sum else y), k
 
@@ -190,7 +189,7 @@ def _composed(x, weight, bias, rand_weight, c, t, window, reduce_sum, save_h2, f
     h1 = fused_gemm(x, weight.t(), bias=bias, fp32_mode=fp32_mode)
     h2 = fused_gemm(h1, rand_weight, scalar=c, relu=True, fp32_mode=fp32_mode)
     y = fused_gemm(h2, weight.t(), bias=bias, fp32_mode=fp32_mode)
-    out, k = _halve_written(y, t, window, reduce_sum)
+    out, k = _halve(y, t, window, reduce_sum)
     return out, k, (h2 if save_h2 else h2.new_empty((0,)))
 
 
