@@ -262,16 +262,26 @@ def test_torch_path_is_x_minus_x_mean_bitwise(dtype):
     """The torch path of the seed's CenteredLayer is torch's own ``x - x.mean()`` bit for
     bit, values and gradients: power-of-two sizes (which take ``x - x.sum() * 2**-j``, one
     op fewer) and other sizes alike, at magnitudes from 1e-30 to 1e30."""
-    for shape, scale in [((1,), 1.0), ((4, 128), 1.0), ((2, 3, 64), 1e30), ((256,), 1e-30),
-                         ((5,), 1.0), ((4, 100), 1e-3), ((1031,), 7.0)]:
-        x = (randn(*shape, dtype=dtype) * scale + 0.5 * scale).requires_grad_(True)
+    layouts = {"transposed": lambda t: t.t().contiguous().t(),
+               "sliced": lambda t: torch.stack([t, -t], -1)[..., 0],  # last stride 2
+               "expanded": lambda t: t[..., :1].expand(t.shape)}
+    for shape, scale, layout in [
+            ((1,), 1.0, None), ((4, 128), 1.0, None), ((2, 3, 64), 1e30, None),
+            ((256,), 1e-30, None), ((5,), 1.0, None), ((4, 100), 1e-3, None),
+            ((1031,), 7.0, None), ((4, 128), 3.0, "transposed"), ((16, 8), 1.0, "sliced"),
+            ((4, 128), 1.0, "expanded"), ((5, 7), 1.0, "transposed")]:
+        x = randn(*shape, dtype=dtype) * scale + 0.5 * scale
+        if layout:
+            x = layouts[layout](x)
+            assert not x.is_contiguous(), layout
+        x.requires_grad_(True)
         gy = randn(*shape, dtype=dtype)
         with fastlayers.use_backend("torch"):
             y = fastlayers.CenteredLayer()(x)
         want = x - x.mean()
-        assert torch.equal(y, want), shape
+        assert torch.equal(y, want), (shape, layout)
         assert torch.equal(torch.autograd.grad(y, x, gy)[0],
-                           torch.autograd.grad(want, x, gy)[0]), shape
+                           torch.autograd.grad(want, x, gy)[0]), (shape, layout)
 
 
 # ------------------------------------------------------------------------ CUDA only
