@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as TF
 
 import fastlayers
-from fastlayers import functional as F
+from fastlayers import functional as F, reference
 from fastlayers.tour.seed import FixedHiddenMLPEager as SeedFixedHiddenMLP
 
 from bench.harness import DEVICE, ON_GPU, dtype_name, gpu_or_cpu
@@ -83,3 +83,23 @@ def test_fixed_hidden(record, shape, dtype, variant):
     elsize = torch.empty((), dtype=dtype).element_size()
     record(make, op="fixed_hidden", variant=variant, pass_="fwd", dtype=dtype, shape=shape,
            flops=2 * M * N * K, nbytes=(M * K + K * N + M * N) * elsize)
+
+
+HU_SHAPES = gpu_or_cpu([(2 ** 20, 20)], [(64, 20), (4096, 20)])
+
+
+@pytest.mark.parametrize("variant", ["fastlayers", "seed"])
+@pytest.mark.parametrize("shape", HU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_halve_until_relu_input(record, shape, variant):
+    """The halving loop alone on a ReLU output (about half exact zeros) vs the seed's loop
+    (``reference.halve_until_loop``: one host sync per halving)."""
+    fn = F.halve_until if variant == "fastlayers" else reference.halve_until_loop
+
+    def make(i):
+        g = torch.Generator(device=DEVICE).manual_seed(i)
+        x = torch.relu(torch.randn(shape, device=DEVICE, generator=g) * 30)
+        return lambda: fn(x)
+
+    n = shape[0] * shape[1]
+    record(make, op="halve_until", variant=variant, pass_="fwd", dtype=torch.float32,
+           shape=shape, flops=0, nbytes=2 * n * 4)

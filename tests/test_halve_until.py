@@ -97,6 +97,24 @@ def test_matches_the_seed_loop_on_boundaries_and_subnormal_results(backend, dtyp
         check_bitwise(x.to(backend))
 
 
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_inputs_with_exact_zeros(backend, dtype):
+    """ReLU outputs (about half exact zeros, odd sizes) match the loop bitwise. On the CPU
+    torch path they take the host common case: zeros halve exactly, so they must not send
+    it to the device route (26x slower at 64x20)."""
+    gen = torch.Generator().manual_seed(77)
+    for shape in [(64, 20), (3, 7), (1,), (257,)]:
+        x = torch.relu(torch.randn(shape, dtype=torch.float64, generator=gen) * 30).to(dtype)
+        x.view(-1)[0] = 0.0  # at least one zero
+        check_bitwise(x.to(backend))
+        if dtype != torch.float16 and dtype != torch.bfloat16:  # the host case: fp32/fp64
+            assert H._cpu_common_case(x, H.threshold_in(dtype, 1.0)) is not None, shape
+    # a nonzero element that would round still goes to the exact route, zeros or not
+    x = torch.tensor([0.0, 3.0, torch.finfo(torch.float32).tiny * 1.5, 0.0])
+    assert H._cpu_common_case(x, 1.0) is None
+    check_bitwise(x.to(backend))
+
+
 def test_fp16_sums_moved_by_subnormal_rounding(backend):
     """The loop's count here differs from the count the first sum alone would give."""
     for x in fp16_subnormal_sums():
