@@ -210,6 +210,30 @@ def test_gradient_is_grad_times_two_to_minus_k(backend, dtype):
     assert torch.equal(x.grad, (g.float() * 2.0 ** -int(k)).to(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_cpu_eager_gradient_routes(dtype):
+    """CPU torch path, eager autograd: the host common case is torch's own exact multiply
+    (MulBackward0 carries g * 2**-k); an input whose elements round keeps the Function.
+    Both give the loop's y and the factor 2**-k (rounded once), and no second derivative."""
+    gen = torch.Generator().manual_seed(8)
+    tiny = torch.finfo(dtype).tiny
+    common = (torch.randn(9, 5, dtype=torch.float64, generator=gen) * 40).to(dtype)
+    rounds = torch.cat([common.view(-1), torch.tensor([tiny * 3], dtype=dtype)])
+    with fastlayers.use_backend("torch"):
+        for x, node in [(common, "MulBackward0"), (rounds, "HalveUntilFunctionBackward")]:
+            x = x.clone().requires_grad_(True)
+            y, k = F.halve_until(x, return_count=True)
+            ref, ref_k = seed_loop(x.detach())
+            assert type(y.grad_fn).__name__ == node and int(k) == ref_k > 0
+            assert torch.equal(y.detach(), ref)
+            g = torch.randn(x.shape, dtype=torch.float64, generator=gen).to(dtype)
+            (gx,) = torch.autograd.grad(y, x, g, create_graph=True)
+            assert torch.equal(gx.detach(), (g.double() * 2.0 ** -ref_k).to(dtype))
+            if gx.requires_grad:  # the gradient does not depend on x
+                (ggx,) = torch.autograd.grad(gx.sum(), x, allow_unused=True)
+                assert ggx is None or not ggx.any()
+
+
 def test_gradient_of_inf_input_is_zero(backend):
     x = torch.tensor([1.0, float("inf")], device=backend, requires_grad=True)
     F.halve_until(x).sum().backward()

@@ -160,11 +160,12 @@ def scale_grad_on_device(g: Tensor, k: Tensor) -> Tensor:
 
 def _cpu_common_case(x: Tensor, t: float):
     """(y, k) on a CPU tensor when no element rounds (else None): the rule's first case
-    with host reads (free there) and y = x * 2**-k as one exact multiply. Measured paired
-    (median of 15 interleaved rounds, shared 2-core CPU, noisy): the device route
-    (torch_count + halve_bits) costs 28x this at 2x20 fp32 and 93x at 4096x20. Exact
-    zeros (ReLU outputs) stay here: 64x20 with half zeros, 412 -> 25 us (timeit, dev CPU)."""
-    a = x.abs()
+    with host reads (free there) and y = x * 2**-k as one exact multiply (differentiable:
+    torch's autograd gives g * 2**-k). Measured paired (median of 15 interleaved rounds,
+    shared 2-core CPU, noisy): the device route (torch_count + halve_bits) costs 28x this
+    at 2x20 fp32 and 93x at 4096x20. Exact zeros (ReLU outputs) stay here: 64x20 with
+    half zeros, 412 -> 25 us (timeit, dev CPU)."""
+    a = x.detach().abs()
     s0 = float(a.sum())
     if not s0 > t:  # s0 <= t, or NaN: the loop never runs
         return x.clone(memory_format=torch.contiguous_format), 0
@@ -256,8 +257,17 @@ def halve_until(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
     checks them): THE place its path is chosen. Eager autograd, torch.func transforms and
     forward-mode AD: :class:`HalveUntilFunction`; traced autograd: the op with its own
     formula; otherwise the op's implementation (kernels or the torch route, by
-    :func:`use_triton`)."""
-    if _torch_only_context() or (needs_grad(x) and eager()):
+    :func:`use_triton`). Eager autograd of a CPU tensor on the torch path first tries
+    :func:`_cpu_common_case`, whose exact multiply by 2**-k carries the gradient
+    g * 2**-k through torch's own autograd (B=2 FixedHiddenMLP forward+backward: no
+    Function.apply)."""
+    if _torch_only_context():
+        return HalveUntilFunction.apply(x, threshold)
+    if needs_grad(x) and eager():
+        if x.is_cpu and not use_triton(x):
+            done = _cpu_common_case(x, threshold_in(x.dtype, threshold))
+            if done is not None:
+                return done[0], torch.tensor(done[1], dtype=torch.int32)
         return HalveUntilFunction.apply(x, threshold)
     if needs_grad(x):
         return op(x, threshold)
