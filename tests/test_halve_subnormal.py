@@ -148,3 +148,22 @@ def test_big_sum_with_rounding_small_elements(backend, dtype):
         x = torch.cat([torch.tensor([big], dtype=dtype), low_range(dtype, 61, gen, 6)])
         for thr in (tiny, 1e-3):  # sums near 1e-3 ignore the small elements in any order
             check(x.to(backend), thr)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_loop_and_device_route_agree_with_the_loop(dtype):
+    """Both torch formulations on the rounding cases: the CPU's own (``_cpu_halve``, the
+    loop from the window's low end where its exact shortcut does not hold) and the route
+    CUDA tensors take without host reads (torch_count + halve_bits, run here on CPU)."""
+    gen = torch.Generator().manual_seed(31)
+    ints = BITS[dtype][0]
+    loops = 0
+    for x, thr in cases(dtype, 200, gen):
+        t = H.threshold_in(dtype, thr)
+        ref, ref_k = halve_until_loop(x, thr)
+        y, k = H._cpu_halve(x, t)
+        assert k == ref_k and torch.equal(y.view(ints), ref.view(ints))
+        loops += H._cpu_halve(x, t, exact_only=True) is None
+        k = H.torch_count(x, t)
+        assert int(k) == ref_k and torch.equal(H.halve_bits(x, k).view(ints), ref.view(ints))
+    assert loops >= 150, loops  # most of these cases take the loop

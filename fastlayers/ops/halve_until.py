@@ -17,8 +17,9 @@ k = #{j >= 0 : S_j > t} halvings with y = h^k(x) (:func:`halve_bits`).
 * NaN in x: k = 0, y = x (the seed's ``NaN > t`` is False). ±inf in x (the seed never
   ends): k = K_FOREVER and y is the loop's limit (finite elements -> signed zeros).
 
-CUDA tensors cost no device-to-host copy (the count stays on the device); CPU tensors
-take the first case with host reads and one multiply (:func:`_cpu_common_case`).
+CUDA tensors cost no device-to-host copy (the count stays on the device: the kernels, or
+:func:`torch_count` and :func:`halve_bits`); CPU tensors read sums on the host
+(:func:`_cpu_halve`: the first case as one multiply, else the loop from the window's low end).
 """
 import functools
 import inspect
@@ -158,28 +159,50 @@ def scale_grad_on_device(g: Tensor, k: Tensor) -> Tensor:
     return (g.to(wide) * pow2(k1) * pow2(k2) * pow2(k_last)).to(g.dtype)
 
 
-def _cpu_common_case(x: Tensor, t: float):
-    """(y, k) on a CPU tensor when no element rounds (else None): the rule's first case
-    with host reads (free there) and y = x * 2**-k as one exact multiply (differentiable:
-    torch's autograd gives g * 2**-k). Measured paired (median of 15 interleaved rounds,
-    shared 2-core CPU, noisy): the device route (torch_count + halve_bits) costs 28x this
-    at 2x20 fp32 and 93x at 4096x20. Exact zeros (ReLU outputs) stay here: 64x20 with
-    half zeros, 412 -> 25 us (timeit, dev CPU)."""
+def _cpu_halve(x: Tensor, t: float, exact_only: bool = False):
+    """(y, k) for a CPU tensor with host reads (free there), else None (an infinite element:
+    the device route). The seed's sums S_j are S_0 * 2**-j while no element rounds, i.e.
+    for j up to s, the least nonzero |x|'s halvings above the smallest normal number:
+
+    * k0 <= s (the common case): y = x * 2**-k0, one exact multiply, differentiable
+      (torch's autograd gives g * 2**-k).
+    * otherwise (``exact_only``: None) the loop itself, from the window's low end on:
+      one exact multiply to 2**-min(s, lo), ``/= 2`` up to lo (no sums: S_j > t there),
+      then ``while S_j > t: /= 2`` in the seed's layout (the loop's summation order).
+
+    Measured (timeit, one thread, dev CPU): the device route costs 28x the common case
+    at 2x20 fp32 and 93x at 4096x20; fp16 4096x20 (elements below 2**-14 after a few
+    halvings; its sum overflows) 3447 -> 328 us, the seed's loop 569 us."""
     a = x.detach().abs()
     s0 = float(a.sum())
     if not s0 > t:  # s0 <= t, or NaN: the loop never runs
         return x.clone(memory_format=torch.contiguous_format), 0
+    finite = s0 < math.inf
+    if not finite and (exact_only or float(a.amax()) == math.inf):
+        return None  # an infinite element (k = K_FOREVER), or no exact shortcut
+    if not finite:  # the sum overflowed: k0 as torch_count takes it (its window holds k)
+        acc = torch.float32 if x.element_size() == 2 else x.dtype
+        s0 = float((a.to(acc) * 2.0 ** -_SCALE_DOWN).sum())
     (sm, se), (tm, te) = math.frexp(s0), math.frexp(t)
-    k = se - te + (sm > tm)  # _halvings on host floats
-    limit = 1022 if x.dtype == torch.float64 else 126  # 2**-k a normal multiplier
-    if s0 == math.inf or k > limit:
-        return None
+    k0 = max(se - te + (sm > tm) + (0 if finite else _SCALE_DOWN), 0)  # _halvings on host
     least = float(a.amin())
     if least == 0:  # zeros halve exactly (ReLU outputs): the least nonzero |x| decides
         least = float(torch.where(a == 0, math.inf, a).amin())
-    if least < torch.finfo(x.dtype).tiny * 2.0 ** k:
+    fi = torch.finfo(x.dtype)
+    s = max(math.frexp(least)[1] - math.frexp(fi.tiny)[1], 0)  # least * 2**-s >= tiny
+    s = min(s, 1022 if x.dtype == torch.float64 else 126)  # 2**-s a normal multiplier
+    if finite and k0 <= s:
+        return x.contiguous() * 2.0 ** -k0, k0
+    if exact_only:
         return None
-    return x.contiguous() * 2.0 ** -k, k
+    k = max(k0 - 1 - window_below(x.numel(), x.dtype, t), 0)
+    y = x.detach() * 2.0 ** -min(s, k)  # in x.abs()'s layout: torch_count's summation order
+    for _ in range(k - min(s, k)):
+        y.mul_(0.5)  # x * 0.5 is x / 2 (one correctly rounded result), 1.5x faster here
+    while float(y.abs().sum()) > t:
+        y.mul_(0.5)
+        k += 1
+    return y.contiguous(), k
 
 
 # ------------------------------------------------------------------------------ the op
@@ -189,7 +212,7 @@ def _impl(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
         y, k = kernels.halve_until(x.contiguous().view(-1), t, window_below(x.numel(), x.dtype, t))
         return y.view(x.shape), k
     if x.device.type == "cpu":
-        done = _cpu_common_case(x, t)
+        done = _cpu_halve(x, t)
         if done is not None:
             return done[0], torch.tensor(done[1], dtype=torch.int32)
     k = torch_count(x, t)  # on x's own layout: the loop's summation order
@@ -258,14 +281,14 @@ def halve_until(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
     forward-mode AD: :class:`HalveUntilFunction`; traced autograd: the op with its own
     formula; otherwise the op's implementation (kernels or the torch route, by
     :func:`use_triton`). Eager autograd of a CPU tensor on the torch path first tries
-    :func:`_cpu_common_case`, whose exact multiply by 2**-k carries the gradient
+    :func:`_cpu_halve`'s common case, whose exact multiply by 2**-k carries the gradient
     g * 2**-k through torch's own autograd (B=2 FixedHiddenMLP forward+backward: no
     Function.apply)."""
     if _torch_only_context():
         return HalveUntilFunction.apply(x, threshold)
     if needs_grad(x) and eager():
         if x.is_cpu and not use_triton(x):
-            done = _cpu_common_case(x, threshold_in(x.dtype, threshold))
+            done = _cpu_halve(x, threshold_in(x.dtype, threshold), exact_only=True)
             if done is not None:
                 return done[0], torch.tensor(done[1], dtype=torch.int32)
         return HalveUntilFunction.apply(x, threshold)
