@@ -186,8 +186,10 @@ def _cpu_halve(x: Tensor, t: float, exact_only: bool = False):
     (sm, se), (tm, te) = math.frexp(s0), math.frexp(t)
     k0 = max(se - te + (sm > tm) + (0 if finite else _SCALE_DOWN), 0)  # _halvings on host
     least = float(a.amin())
-    if least == 0:  # zeros halve exactly (ReLU outputs): the least nonzero |x| decides
-        least = float(torch.where(a == 0, math.inf, a).amin())
+    if least == 0:  # zeros halve exactly (ReLU outputs): the least nonzero |x| decides,
+        ints = _format(x.dtype)[2]  # from the bits with 0 mapped past every pattern (30 us
+        bits = ((a.view(ints) - 1) & torch.iinfo(ints).max).amin() + 1  # at 4096x20 fp32,
+        least = float(bits.view(x.dtype))  # where torch.where(a == 0, inf, a) takes 383 us)
     fi = torch.finfo(x.dtype)
     s = max(math.frexp(least)[1] - math.frexp(fi.tiny)[1], 0)  # least * 2**-s >= tiny
     s = min(s, 1022 if x.dtype == torch.float64 else 126)  # 2**-s a normal multiplier
