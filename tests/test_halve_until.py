@@ -109,7 +109,7 @@ def test_inputs_with_exact_zeros(backend, dtype):
         check_bitwise(x.to(backend))
         if dtype != torch.float16 and dtype != torch.bfloat16:  # the host case: fp32/fp64
             assert H._cpu_halve(x, H.threshold_in(dtype, 1.0), exact_only=True) is not None, shape
-    # a nonzero element that would round still goes to the exact route, zeros or not
+    # a nonzero element that would round is not the common case, zeros or not
     x = torch.tensor([0.0, 3.0, torch.finfo(torch.float32).tiny * 1.5, 0.0])
     assert H._cpu_halve(x, 1.0, exact_only=True) is None
     check_bitwise(x.to(backend))
