@@ -75,13 +75,26 @@ def _halvings(s: Tensor, t: float) -> Tensor:
     return (sb >> 52) - (tb >> 52) + ((sb & low) > (tb & low)).long()
 
 
+def _scaled_sum(a: Tensor) -> Tensor:
+    """sum |x| * 2**-_SCALE_DOWN for a = |x| (16-bit accumulated in fp32): k0's source
+    when the sum S_0 itself overflows (finite for any finite x)."""
+    acc = torch.float32 if a.element_size() == 2 else a.dtype
+    return (a.to(acc) * 2.0 ** -_SCALE_DOWN).sum()
+
+
+def _normal_halvings(dtype: torch.dtype) -> int:
+    """The largest k with 2**-k a normal number where a ``dtype`` tensor times a Python
+    float computes (fp64 for fp64, else fp32): there a multiply by 2**-k is exact."""
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    return (_format(wide)[1] >> 1) - 1  # 2**-(bias - 1): the smallest normal number
+
+
 def torch_count(x: Tensor, t: float) -> Tensor:
     """The loop's halving count (int32 0-dim on x's device) for x of any shape and a
     threshold t already in x's dtype (a positive normal number or inf); no host read."""
     a = x.abs()
     s0 = a.sum()  # torch's own sum in x's dtype: the seed's first comparison
-    acc = torch.float32 if x.element_size() == 2 else x.dtype
-    s1 = (a.to(acc) * 2.0 ** -_SCALE_DOWN).sum()
+    s1 = _scaled_sum(a)
     forever = torch.tensor(K_FOREVER, device=x.device)
     k0 = torch.where(s0 <= t, 0, torch.where(
         s0 < math.inf, _halvings(s0, t),
@@ -131,7 +144,7 @@ def scale_grad(g: Tensor, k: Tensor) -> Tensor:
     wide = torch.float64 if g.dtype == torch.float64 else torch.float32
     if k.is_cpu and eager() and not _torch_only_context():
         kk = int(k)
-        if kk <= (_format(wide)[1] >> 1) - 1:  # 2**-(bias - 1): the smallest normal number
+        if kk <= _normal_halvings(g.dtype):
             return (g.to(wide) * 2.0 ** -kk).to(g.dtype)
     return scale_grad_on_device(g, k)
 
@@ -181,8 +194,7 @@ def _cpu_halve(x: Tensor, t: float, exact_only: bool = False):
     if not finite and (exact_only or float(a.amax()) == math.inf):
         return None  # an infinite element (k = K_FOREVER), or no exact shortcut
     if not finite:  # the sum overflowed: k0 as torch_count takes it (its window holds k)
-        acc = torch.float32 if x.element_size() == 2 else x.dtype
-        s0 = float((a.to(acc) * 2.0 ** -_SCALE_DOWN).sum())
+        s0 = float(_scaled_sum(a))
     (sm, se), (tm, te) = math.frexp(s0), math.frexp(t)
     k0 = max(se - te + (sm > tm) + (0 if finite else _SCALE_DOWN), 0)  # _halvings on host
     least = float(a.amin())
@@ -192,7 +204,7 @@ def _cpu_halve(x: Tensor, t: float, exact_only: bool = False):
         least = float(bits.view(x.dtype))  # where torch.where(a == 0, inf, a) takes 383 us)
     fi = torch.finfo(x.dtype)
     s = max(math.frexp(least)[1] - math.frexp(fi.tiny)[1], 0)  # least * 2**-s >= tiny
-    s = min(s, 1022 if x.dtype == torch.float64 else 126)  # 2**-s a normal multiplier
+    s = min(s, _normal_halvings(x.dtype))  # 2**-s a normal multiplier
     if finite and k0 <= s:
         return x.contiguous() * 2.0 ** -k0, k0
     if exact_only:
