@@ -55,6 +55,37 @@ def test_forward_backward_match_float64(backend, shape, dtype, has_bias):
         assert_close_to_ref(b.grad, gb, dtype, what="grad_bias")
 
 
+@pytest.mark.parametrize("M, N", [(63, 65), (64, 64), (67, 97)])
+def test_large_outputs_with_grad_all_orders(backend, M, N):
+    """Outputs of 4095, 4096 and 6499 elements with grad: on the torch path the ReLU runs
+    in place from 4096 elements up (reference._relu). Values, first and second
+    derivatives, torch.func.grad and jvp all match float64 autograd of relu(linear)."""
+    K = 31
+    x = randn(M, K, device=backend).requires_grad_(True)
+    w = randn(N, K, device=backend, scale=K ** -0.5).requires_grad_(True)
+    b = randn(N, device=backend).requires_grad_(True)
+    y = F.linear_relu(x, w, b)
+    assert_close_to_ref(y, ref64(x, w, b), torch.float32, what="forward")
+    gy = randn(M, N, device=backend)
+    gx, = torch.autograd.grad(y, x, gy, create_graph=True)
+    ggx, = torch.autograd.grad((gx * gx).sum(), w)
+    xd, wd, bd = (t.detach().double().requires_grad_(True) for t in (x, w, b))
+    yd = torch.relu(TF.linear(xd, wd, bd))
+    gxd, = torch.autograd.grad(yd, xd, gy.double(), create_graph=True)
+    ggxd, = torch.autograd.grad((gxd * gxd).sum(), wd)
+    assert_close_to_ref(gx, gxd, torch.float32, what="grad_input")
+    assert_close_to_ref(ggx, ggxd, torch.float32, what="second derivative")
+    loss = lambda v: F.linear_relu(v, w, b).mul(gy).sum()
+    loss64 = lambda v: torch.relu(TF.linear(v, wd, bd)).mul(gy.double()).sum()
+    assert_close_to_ref(torch.func.grad(loss)(x.detach()), torch.func.grad(loss64)(xd.detach()),
+                        torch.float32, what="torch.func.grad")
+    t = randn(M, K, device=backend)
+    _, tangent = torch.func.jvp(lambda v: F.linear_relu(v, w, b), (x.detach(),), (t,))
+    _, tangent64 = torch.func.jvp(lambda v: torch.relu(TF.linear(v, wd, bd)), (xd.detach(),),
+                                  (t.double(),))
+    assert_close_to_ref(tangent, tangent64, torch.float32, what="jvp")
+
+
 @pytest.mark.parametrize("layout", ["x_transposed", "x_sliced", "w_transposed", "three_d", "one_d"])
 def test_strided_and_ranked_inputs(backend, layout):
     K, N = 45, 33
