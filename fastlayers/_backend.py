@@ -111,11 +111,11 @@ def _torch_only_context() -> bool:
 
 def use_triton(t: torch.Tensor) -> bool:
     """True when the op for tensor ``t`` should run the Triton kernel (the one rule)."""
-    if t.dtype not in KERNEL_DTYPES:
-        return False
     backend = get_backend()
     if backend == "auto" and not t.is_cuda:
-        return False  # _device_choice's answer, without its cost
+        return False  # _device_choice's answer, without its cost (the CPU default first)
+    if t.dtype not in KERNEL_DTYPES:
+        return False
     path, reason = _device_choice(t.device.type, backend)
     if path == "error":
         raise RuntimeError(f"fastlayers: {reason} (tensor on {t.device})")

@@ -34,8 +34,6 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
         return handle_torch_function(linear_relu, (x, weight, bias), x, weight, bias)
     if not _validate.linear_relu_ok(x, weight, bias):  # the common case, checked fast
         x, weight, bias = _validate.prepare_linear_relu(x, weight, bias)
-    if onnx_export.exporting():  # torch.onnx.export: standard ONNX ops, not the custom op
-        return onnx_export.linear_relu(x, weight, bias)
     return _lr.linear_relu(x, weight, bias)
 
 
@@ -53,8 +51,6 @@ def centered(x: Tensor, dim=None) -> Tensor:
     if not (isinstance(x, Tensor) and x.dtype.is_floating_point):  # the common case, fast
         _validate.check_float("centered", "input", x)
     dims = [] if dim is None else _centered.normalize_dims("centered", x.dim(), dim)
-    if onnx_export.exporting():
-        return onnx_export.centered(x, dims)
     return _centered.centered(x, dims)
 
 

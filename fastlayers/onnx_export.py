@@ -1,12 +1,14 @@
-"""ONNX export: while ``torch.onnx.export`` traces (either exporter), the functional forms in
-``fastlayers.functional`` call the plain-torch formulations below instead of the custom ops,
-so the exported graph holds standard ONNX operators (Gemm/MatMul, Add, Relu, ReduceMean,
-Sub, ReduceSum, ...) that any ONNX runtime runs.
+"""ONNX export: while ``torch.onnx.export`` traces (either exporter), every op runs a
+plain-torch formulation instead of its custom op, so the exported graph holds standard ONNX
+operators (Gemm/MatMul, Add, Relu, ReduceSum, Sub, ...) that any ONNX runtime runs.
 
 * :func:`exporting` says whether an ONNX exporter is tracing right now.
-* :func:`linear_relu`, :func:`centered`, :func:`fixed_hidden`, :func:`halve_until`,
-  :func:`fixed_hidden_mlp`: the export-time bodies of the functional forms (same
-  arguments), built from ``fastlayers.reference`` and :func:`halve_until_for_export`.
+* linear_relu and centered export their torch path (``fastlayers.reference``): their entry
+  points in ``fastlayers.ops`` take it on the kernel path too while :func:`exporting`.
+* :func:`fixed_hidden`, :func:`halve_until`, :func:`fixed_hidden_mlp`: the export-time
+  bodies of those functional forms (same arguments; the torch path of the halving loop
+  reads counts on the host, which an exported graph cannot), built from
+  :func:`halve_until_for_export`.
 * :func:`halve_until_for_export`: the seed's ``while x.abs().sum() > t: x /= 2`` as ONE
   reduction and one multiplication, in exportable torch ops (no loop, no host read, so
   the exported count depends on the input instead of being baked in as a constant).
@@ -19,7 +21,6 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from . import reference
 from ._validate import check_threshold
 
 _FLAGS = "torch.onnx._internal.exporter._flags"  # dynamo=True (torch's default) exporter
@@ -141,17 +142,6 @@ def _refuse_fp16(opname: str, x: Tensor) -> None:
             f"halving, so the loop's count is not a function of one reduction (the op uses "
             f"a histogram rule no standard ONNX graph reproduces). Export in float32 and "
             f"cast the ONNX model's input, or keep this block outside the exported graph.")
-
-
-def linear_relu(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
-    """relu(x @ weight.T + bias): Gemm/MatMul + Add + Relu in the graph."""
-    return torch.relu(torch.nn.functional.linear(x, weight, bias))
-
-
-def centered(x: Tensor, dims=()) -> Tensor:
-    """x - x.mean(dims, keepdim=True) (all elements for empty dims; dims normalized as
-    ``fastlayers.ops.centered.normalize_dims`` returns them): ReduceMean + Sub."""
-    return reference.centered(x, tuple(dims))
 
 
 def fixed_hidden(x: Tensor, weight: Tensor, c: float = 1.0) -> Tensor:

@@ -10,7 +10,7 @@ from typing import List
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import onnx_export, reference
 from .._backend import kernel_module, use_triton
 from ._dispatch import call, needs_grad
 
@@ -91,10 +91,11 @@ def normalize_dims(op: str, ndim: int, dim) -> List[int]:
 
 
 def centered(x: Tensor, dims: List[int]) -> Tensor:
-    """x - mean(x over dims) for a validated x: THE place its path is chosen. torch path:
-    :func:`fastlayers.reference.centered` with torch's autograd; kernel path: through
-    :class:`CenteredFunction` when a gradient is needed, else the forward alone."""
-    if not use_triton(x):
+    """x - mean(x over dims) for a validated x: THE place its path is chosen. torch path
+    (and ONNX export): :func:`fastlayers.reference.centered` with torch's autograd; kernel
+    path: through :class:`CenteredFunction` when a gradient is needed, else the forward
+    alone. (The export check only runs on the kernel path: the CPU call pays nothing.)"""
+    if not use_triton(x) or onnx_export.exporting():
         return reference.centered(x, dims)
     if needs_grad(x):
         return CenteredFunction.apply(x, dims)

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import onnx_export, reference
 from .._backend import fp32_matmul_mode, kernel_module, use_triton
 from ._dispatch import call, needs_grad
 
@@ -111,11 +111,12 @@ fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def linear_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """relu(x @ weight.T + bias) for validated x [..., K]: THE place its path is chosen.
 
-    torch path: torch's own ops and autograd (N-D as is). Kernel path: leading dims
+    torch path (and ONNX export): torch's own ops and autograd (N-D as is; the export
+    check only runs on the kernel path, so the CPU call pays nothing). Kernel path: leading dims
     flattened to M rows (``reshape``, so any strides), through :class:`LinearReLUFunction`
     when a gradient is needed, else the forward op alone.
     """
-    if not use_triton(x):
+    if not use_triton(x) or onnx_export.exporting():
         return reference.linear_relu(x, weight, bias)
     fp32_mode = fp32_matmul_mode()
     lead = x.shape[:-1]
