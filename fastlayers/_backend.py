@@ -10,8 +10,10 @@ The backend (``FASTLAYERS_BACKEND``, parsed once by :mod:`fastlayers.settings`):
 :func:`use_triton` is the one rule every op asks, once per call. Whatever the backend, torch
 runs: dtypes the kernels do not support (float64, complex, ...), meta tensors (shapes only),
 calls under ``torch.func`` transforms and forward-mode AD (functorch needs batching and jvp
-rules the kernels do not have; torch's own ops have them). ONNX export never reaches this
-rule: the functional forms hand it plain-torch bodies (:mod:`fastlayers.onnx_export`).
+rules the kernels do not have; torch's own ops have them). ONNX export takes plain torch
+too: each op's entry point in ``fastlayers.ops`` checks for it on its kernel branch
+(linear_relu, centered: the torch path) or the functional form hands the halving ops their
+loop-free bodies (:mod:`fastlayers.onnx_export`).
 
 :func:`set_backend` changes the process default; :func:`use_backend` overrides it for the
 enclosed code in the current thread / asyncio task only (a ``contextvars`` variable).
