@@ -7,7 +7,10 @@ CenteredLayer has two baselines, each its own paired ratio: the bare expression
 torch's side) and the seed's own CenteredLayer module (``fastlayers.tour.seed``, forward
 ``X - X.mean()``; the same fields under ``vs_module``): a module call against a module
 call, like for like. (Against the bare expression our side alone pays torch's
-``nn.Module.__call__``; the ratio of the two figures shows that cost.)
+``nn.Module.__call__``; the ratio of the two figures shows that cost.) A third pair,
+``floor``, bounds what any module can reach against the bare expression: a module whose
+forward is only the fastest exact stock-op formula (``torch.sub(x, x.sum(), alpha=1/n)``,
+no checks, no dispatch) against ``x - x.mean()``.
 
 Each round alternates ~1 ms chunks of calls of ours and of torch's (which side starts
 alternates between rounds) and takes the ratio of the two sums; the figure is the median
@@ -97,10 +100,19 @@ def _linear_pair(M, K, N, grad):
     return (lambda: ours(x)), (lambda: act(lin(x)))
 
 
-def _centered_pair(shape, grad, seed_module=False):
-    """(ours, theirs): theirs is ``x - x.mean()``, or the seed's CenteredLayer module."""
+class FormulaOnly(torch.nn.Module):
+    """The floor: a module with no checks and no dispatch around the one-op formula
+    (exact for a power-of-two element count, as at the sizes here)."""
+
+    def forward(self, x):
+        return torch.sub(x, x.sum(), alpha=1.0 / x.numel())
+
+
+def _centered_pair(shape, grad, seed_module=False, floor=False):
+    """(ours, theirs): theirs is ``x - x.mean()``, or the seed's CenteredLayer module;
+    ``floor``: (FormulaOnly, ``x - x.mean()``)."""
     torch.manual_seed(0)
-    ours = fastlayers.CenteredLayer()
+    ours = FormulaOnly() if floor else fastlayers.CenteredLayer()
     x = torch.randn(*shape) + 0.5
     if grad:
         x.requires_grad_(True)
@@ -112,6 +124,7 @@ def _centered_pair(shape, grad, seed_module=False):
 
 
 SEED_BASELINE = "seed CenteredLayer module"
+FLOOR_BASELINE = "x - x.mean(), for a formula-only module (the floor)"
 CASES = [
     ("LinearReLU", "2x64x8", lambda g: _linear_pair(2, 64, 8, g)),
     ("LinearReLU", "256x256x256", lambda g: _linear_pair(256, 256, 256, g)),
@@ -137,6 +150,9 @@ def test_module_overhead(benchmark, module, size, make, grad):
             vs_module = paired_ratio(ours, seed)
             benchmark.extra_info["vs_module"] = dict(baseline=SEED_BASELINE, **vs_module)
             pairs.append((SEED_BASELINE, vs_module))
+            floor = paired_ratio(*make(grad, floor=True))
+            benchmark.extra_info["floor"] = dict(baseline=FLOOR_BASELINE, **floor)
+            pairs.append((FLOOR_BASELINE, floor))
         benchmark.pedantic(ours, rounds=5, iterations=pair["inner_calls"], warmup_rounds=1)
     for name, p in pairs:
         print(f"\n{module} {size} grad={grad}: ours/torch = {p['ratio']:.3f} vs {name} "
