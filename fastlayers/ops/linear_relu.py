@@ -112,9 +112,9 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """relu(x @ weight.T + bias) for validated x [..., K]: THE place its path is chosen.
 
     torch path (and ONNX export): torch's own ops and autograd (N-D as is; the export
-    check only runs on the kernel path, so the CPU call pays nothing). Kernel path: leading dims
-    flattened to M rows (``reshape``, so any strides), through :class:`LinearReLUFunction`
-    when a gradient is needed, else the forward op alone.
+    check only runs on the kernel path, so the CPU call pays nothing). Kernel path:
+    leading dims flattened to M rows (``reshape``, so any strides), through
+    :class:`LinearReLUFunction` when a gradient is needed, else the forward op alone.
     """
     if not use_triton(x) or onnx_export.exporting():
         return reference.linear_relu(x, weight, bias)
