@@ -10,7 +10,8 @@ The backend (``FASTLAYERS_BACKEND``, parsed once by :mod:`fastlayers.settings`):
 :func:`use_triton` is the one rule every op asks, once per call. Whatever the backend, torch
 runs: dtypes the kernels do not support (float64, complex, ...), meta tensors (shapes only),
 calls under ``torch.func`` transforms and forward-mode AD (functorch needs batching and jvp
-rules the kernels do not have; torch's own ops have them). ONNX export takes plain torch
+rules the kernels do not have; torch's own ops have them), and ``torch.jit.trace`` (it
+records torch ops; a Triton launch cannot be recorded). ONNX export takes plain torch
 too: each op's entry point in ``fastlayers.ops`` checks for it on its kernel branch
 (linear_relu, centered: the torch path) or the functional form hands the halving ops their
 loop-free bodies (:mod:`fastlayers.onnx_export`).
@@ -40,6 +41,7 @@ except Exception as exc:  # triton missing or broken: pure-torch mode
 settings._push_to_kernels()
 
 _override = contextvars.ContextVar("fastlayers_backend", default=None)
+_jit_tracing = torch._C._get_tracing_state  # not None while torch.jit.trace records
 
 
 def kernel_module(name: str):
@@ -121,7 +123,8 @@ def use_triton(t: torch.Tensor) -> bool:
     path, reason = _device_choice(t.device.type, backend)
     if path == "error":
         raise RuntimeError(f"fastlayers: {reason} (tensor on {t.device})")
-    return path == "triton" and not _torch_only_context()
+    # torch.jit.trace records torch ops; it cannot record a Triton launch
+    return path == "triton" and not _torch_only_context() and _jit_tracing() is None
 
 
 def backend_info() -> dict:

@@ -16,21 +16,32 @@ def relu_grad(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.threshold_backward(grad_out, out, 0)
 
 
-_INPLACE_RELU_MIN = 4096  # elements; measured crossover on CPU (64x64: a tie)
+_INPLACE_MIN = 4096  # elements; measured crossover on CPU (64x64: a tie)
+_tracing_state = torch._C._get_tracing_state  # not None while torch.jit.trace records
+_compiling = torch.compiler.is_compiling
+
+
+def _in_place_ok(y: torch.Tensor) -> bool:
+    """Whether an elementwise op may overwrite y, a fresh tensor nothing else holds.
+
+    Yes without autograd; with autograd recording y only from ``_INPLACE_MIN`` elements up:
+    below that an in-place op on a recorded tensor costs more host time than a new tensor
+    (~4% of a 2x64x8 layer with grad on CPU), above it the saved buffer wins (256x256x256
+    with grad: 1-2% faster; paired ratios on the 2-core dev CPU). A symbolic size
+    (torch.export) and torch.compile take the new tensor: no guard on the size. Never while
+    ``torch.jit.trace`` records: its check re-runs the model under no_grad and must record
+    the same graph. Values and gradients are the same either way."""
+    if _tracing_state() is not None:
+        return False
+    if not y.requires_grad:
+        return True
+    n = y.numel()
+    return isinstance(n, int) and not _compiling() and n >= _INPLACE_MIN
 
 
 def _relu(y: torch.Tensor) -> torch.Tensor:
-    """relu(y) for a fresh y nothing else holds, in place unless autograd records a small
-    y: in-place ops on recorded tensors cost more host time than a new tensor (~4% of a
-    2x64x8 layer with grad on CPU), while from ~4096 elements up the buffer it saves wins
-    (256x256x256 with grad: 1-2% faster; paired ratios on the 2-core dev CPU). The values
-    and the gradient are the same either way (ReLU's backward reads its output). A
-    symbolic size (dynamic-shape tracing) takes the new tensor: no guard on the size."""
-    if y.requires_grad:
-        n = y.numel()
-        if not isinstance(n, int) or n < _INPLACE_RELU_MIN:
-            return torch.relu(y)
-    return y.relu_()
+    """relu(y) for a fresh y (in place when :func:`_in_place_ok`)."""
+    return y.relu_() if _in_place_ok(y) else torch.relu(y)
 
 
 # ---------------------------------------------------------------- linear + bias + relu
@@ -55,7 +66,7 @@ def linear_relu_bwd_params(grad_out, out, x):
 def fixed_hidden(x, weight, c=1.0):
     """relu(x @ weight + c) for x [M, K] and a frozen weight [K, N] (the seed's layout)."""
     y = torch.matmul(x, weight)
-    return _relu(y + c if y.requires_grad else y.add_(c))
+    return _relu(y.add_(c) if _in_place_ok(y) else y + c)
 
 
 def fixed_hidden_bwd_input(grad_out, out, weight):
@@ -90,14 +101,17 @@ def centered(x, dims=()):
     fp32/fp64 x whose size n is a power of two: ``x - x.sum() * (1/n)`` in one op, which is
     bitwise ``x - x.mean()`` (torch's mean is sum / n, exact for n = 2**j), values and
     gradients, and ~25% less host time on small CPU tensors; only a subnormal mean differs
-    (by less than one of its ulps: the product is not rounded before the subtraction)."""
+    (by less than one of its ulps: the product is not rounded before the subtraction). A
+    size that is not a plain int (symbolic in torch.export, a tensor under
+    ``torch.jit.trace``) and torch.compile (where Dynamo treats a symbolic size as an int)
+    take ``x - x.mean()``: no shape guard, and a traced graph stays right for every size."""
     dtype = x.dtype
     if dtype is _F16 or dtype is _BF16:  # (identity: dtypes are singletons; cheaper than in)
         return (x - centered_mean(x, dims)).to(dtype)
     if dims:
         return x - x.mean(dims, keepdim=True)
     n = x.numel()
-    if n & (n - 1) == 0 and n:  # n = 2**j: see above
+    if isinstance(n, int) and not _compiling() and n & (n - 1) == 0 and n:  # n = 2**j
         return torch.sub(x, x.sum(), alpha=1.0 / n)
     return x - x.mean()
 

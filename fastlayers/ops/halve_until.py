@@ -19,18 +19,21 @@ k = #{j >= 0 : S_j > t} halvings with y = h^k(x) (:func:`halve_bits`).
 
 CUDA tensors cost no device-to-host copy (the count stays on the device: the kernels, or
 :func:`torch_count` and :func:`halve_bits`); CPU tensors read sums on the host
-(:func:`_cpu_halve`: the first case as one multiply, else the loop from the window's low end).
+(:func:`_cpu_halve`: the first case as one multiply, else the loop from the window's low end),
+as does any tensor under ``torch.jit.trace`` (the traced graph holds k as a constant, as
+the seed's loop traced holds its iterations).
 """
 import functools
 import inspect
 import math
 import struct
+import warnings
 from typing import Tuple
 
 import torch
 from torch import Tensor
 
-from .._backend import _torch_only_context, kernel_module, use_triton
+from .._backend import _jit_tracing, _torch_only_context, kernel_module, use_triton
 from ._dispatch import call, eager, needs_grad
 
 kernels = kernel_module("halve_until")
@@ -172,9 +175,17 @@ def scale_grad_on_device(g: Tensor, k: Tensor) -> Tensor:
     return (g.to(wide) * pow2(k1) * pow2(k2) * pow2(k_last)).to(g.dtype)
 
 
+_TRACED_K = (
+    "fastlayers.halve_until under torch.jit.trace: the halving count k is recorded as a "
+    "constant (as tracing the seed's `while x.abs().sum() > t: x /= 2` records its "
+    "iterations), so the traced graph is right only for inputs with the same count; "
+    "torch.compile, torch.export and torch.onnx.export compute k from the input")
+
+
 def _cpu_halve(x: Tensor, t: float, exact_only: bool = False):
-    """(y, k) for a CPU tensor with host reads (free there), else None (an infinite element:
-    the device route). The seed's sums S_j are S_0 * 2**-j while no element rounds, i.e.
+    """(y, k) for a CPU tensor with host reads (free there; also any tensor under
+    ``torch.jit.trace``, with a warning), else None (an infinite element: the device
+    route). The seed's sums S_j are S_0 * 2**-j while no element rounds, i.e.
     for j up to s, the least nonzero |x|'s halvings above the smallest normal number:
 
     * k0 <= s (the common case): y = x * 2**-k0, one exact multiply, differentiable
@@ -186,6 +197,8 @@ def _cpu_halve(x: Tensor, t: float, exact_only: bool = False):
     Measured (timeit, one thread, dev CPU): the device route costs 28x the common case
     at 2x20 fp32 and 93x at 4096x20; fp16 4096x20 (elements below 2**-14 after a few
     halvings; its sum overflows) 3447 -> 328 us, the seed's loop 569 us."""
+    if _jit_tracing() is not None:
+        warnings.warn(_TRACED_K, torch.jit.TracerWarning, stacklevel=3)
     a = x.detach().abs()
     s0 = float(a.sum())
     if not s0 > t:  # s0 <= t, or NaN: the loop never runs
@@ -198,7 +211,9 @@ def _cpu_halve(x: Tensor, t: float, exact_only: bool = False):
     (sm, se), (tm, te) = math.frexp(s0), math.frexp(t)
     k0 = max(se - te + (sm > tm) + (0 if finite else _SCALE_DOWN), 0)  # _halvings on host
     least = float(a.amin())
-    if least == 0:  # zeros halve exactly (ReLU outputs): the least nonzero |x| decides,
+    if least == 0 and _jit_tracing() is not None:  # (the tracer cannot record dtype views)
+        least = float(torch.where(a == 0, math.inf, a).amin())
+    elif least == 0:  # zeros halve exactly (ReLU outputs): the least nonzero |x| decides,
         ints = _format(x.dtype)[2]  # from the bits with 0 mapped past every pattern (30 us
         bits = ((a.view(ints) - 1) & torch.iinfo(ints).max).amin() + 1  # at 4096x20 fp32,
         least = float(bits.view(x.dtype))  # where torch.where(a == 0, inf, a) takes 383 us)
@@ -225,7 +240,9 @@ def _impl(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
     if use_triton(x):
         y, k = kernels.halve_until(x.contiguous().view(-1), t, window_below(x.numel(), x.dtype, t))
         return y.view(x.shape), k
-    if x.device.type == "cpu":
+    # torch.jit.trace: the host route too (the tracer cannot record the device route's
+    # dtype views), which warns that k becomes a constant of the traced graph
+    if x.device.type == "cpu" or _jit_tracing() is not None:
         done = _cpu_halve(x, t)
         if done is not None:
             return done[0], torch.tensor(done[1], dtype=torch.int32)
