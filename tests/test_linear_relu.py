@@ -326,3 +326,18 @@ def test_more_than_2_31_elements_uses_64_bit_offsets():
         assert_close_to_ref(y[rows], ref64(x[rows], w, b), what=f"rows {rows}")
     del x, y
     torch.cuda.empty_cache()
+
+
+def test_zero_in_features_bias_gradient(backend):
+    """in_features = 0: y = relu(bias) on every row, and the bias gradient sums grad_out
+    where that output is > 0 (an empty GEMM; on the kernel path its row sums are filled
+    without a launch). Bias entries exactly 0 give 0 outputs, which pass no gradient."""
+    bias = torch.tensor([-1.5, 0.0, 0.5, 2.0, -0.0], device=backend, requires_grad=True)
+    weight = torch.empty(5, 0, device=backend, requires_grad=True)
+    x = torch.empty(6, 0, device=backend, requires_grad=True)
+    y = F.linear_relu(x, weight, bias)
+    assert torch.equal(y, torch.relu(bias.detach()).expand(6, 5))
+    g = randn(6, 5, device=backend)
+    y.backward(g)
+    torch.testing.assert_close(bias.grad, torch.where(bias.detach() > 0, g.sum(0), 0.0))
+    assert weight.grad.shape == (5, 0) and x.grad.shape == (6, 0)
