@@ -4,11 +4,11 @@ v @ W.T + b used twice, then the halving loop (``kernels.halve_until``), sync-fr
 Small d (<= FUSED_MAX_D, e.g. the seed's 20): W, b and R fit in one program's registers, so
 one kernel computes, per block of rows, all three matmuls. When one program covers the
 batch (M <= BLOCK_M: the seed's B=2) it also counts the halvings in registers and writes
-the halved y (or its sum) and k: ONE launch. Otherwise each program writes y (not at all
-for ``reduce='sum'`` in fp32/bf16) plus a row of partial sums (sum |y|, sum |y| * 2**-64,
-sum y); then the one-program count kernel derives k (and, for ``reduce='sum'``, the result
-(sum y) * 2**-k directly), and the scale kernel halves y in place: 3 launches (2 for
-``reduce='sum'``). fp16 rows also hold every S_j (see kernels.halve_until); its
+the halved y (or its sum) and k: ONE launch. Otherwise each program writes y plus a row
+of partial sums (sum |y|, sum |y| * 2**-64, sum y); then the one-program count kernel
+derives k (and, for ``reduce='sum'``, the result: (sum y) * 2**-k, or the halved y re-read
+and added when an element rounds or |y|'s sum overflowed), and the scale kernel halves y
+in place: 3 launches (2 for ``reduce='sum'``, which never halves y in memory). fp16 rows also hold every S_j (see kernels.halve_until); its
 ``reduce='sum'`` writes and halves y, then sums it with torch (the seed's ``X.sum()``).
 Larger d composes three fused GEMMs and the halving kernels.
 
@@ -142,7 +142,7 @@ def fixed_hidden_mlp_fwd(x, weight, bias, rand_weight, c, t, window, reduce_sum,
     dp, block_m, warps = _fused_config(d)
     P = cdiv(M, block_m)
     one, fp16 = P == 1, x.dtype == torch.float16
-    write_y = not reduce_sum or (fp16 and not one)
+    write_y = not (reduce_sum and one)  # the count kernel may re-read y (count_and_sum)
     bits = halve.BITS_DTYPE[x.dtype]
     y = torch.empty((M, d) if write_y else (), device=x.device, dtype=x.dtype)
     h2 = torch.empty((M, d) if save_h2 else (0,), device=x.device, dtype=x.dtype)
@@ -171,12 +171,13 @@ def fixed_hidden_mlp_fwd(x, weight, bias, rand_weight, c, t, window, reduce_sum,
 def _halve(y, t, window, reduce_sum, part=None, row=halve.NPART.value):
     """(out, k) by the halving kernels from y's partials rows (``row`` floats each), which
     the fused kernel wrote or, when ``part`` is None, a pass over the written y makes.
-    reduce_sum: fp32/bf16 take (sum y) * 2**-k from the rows (y need not be written); fp16
-    halves y and sums it with torch (the seed's ``X.sum()``)."""
+    reduce_sum: fp32/bf16 take (sum y) * 2**-k from the rows (y is re-read only when an
+    element rounds or |y|'s sum overflowed; never halved in memory); fp16 halves y and sums
+    it with torch (the seed's ``X.sum()``)."""
     if reduce_sum and y.dtype != torch.float16:
         if part is None:
             part = halve.halve_partials(y.view(-1), signed=True)
-        k, out = halve.count_and_sum(part, t, y.dtype, row=row)
+        k, out = halve.count_and_sum(part, y.view(-1), t, window, row=row)
         return out, k
     flat = y.view(-1)
     k = halve.halve_count(flat, t, window, partials=part, row=row)

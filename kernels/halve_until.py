@@ -210,13 +210,29 @@ def _halve_partials_kernel(bits_ptr, part_ptr, n, FMT: tl.constexpr, SIGNED: tl.
 
 
 @triton.jit
+def _halved_total(bits_ptr, n, k, FMT: tl.constexpr, SIGNED: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """fp32 sum of the n elements at ``bits_ptr`` halved k times: of x (SIGNED) or |x|."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for st in range(0, n, BLOCK):
+        offs = st + tl.arange(0, BLOCK).to(tl.int64)
+        u = _load_bits(bits_ptr, offs, offs < n, FMT)
+        if not SIGNED:
+            u = _magnitude_bits(u, FMT)
+        acc += _to_f32(_halve_bits(u, k, FMT), FMT)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
 def _halve_count_kernel(part_ptr, bits_ptr, k_ptr, out_ptr, P, n, t, t_bits, D,
                         ROW: tl.constexpr, FMT: tl.constexpr, ALL_SUMS: tl.constexpr,
                         SUM: tl.constexpr, WINDOW: tl.constexpr, BLOCK_P: tl.constexpr,
                         BLOCK: tl.constexpr):
     """k from P partials rows of ROW floats (vector accumulators, one reduction at the
     end: no barrier per iteration). WINDOW: re-read x's n elements at ``bits_ptr`` when an
-    element rounds (D: the window). SUM: also out = (sum x in x's dtype) * 2**-k."""
+    element rounds (D: the window). SUM (with WINDOW): also out = the sum of x halved k
+    times in x's dtype, which is (sum x) * 2**-k unless an element rounds or |x|'s sum
+    overflowed; then the halved elements are re-read and added."""
     acc0 = tl.zeros([BLOCK_P], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_P], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -248,21 +264,22 @@ def _halve_count_kernel(part_ptr, bits_ptr, k_ptr, out_ptr, P, n, t, t_bits, D,
                 lo = tl.maximum(k - 1 - D, 0)
                 k = lo
                 for i in range(0, D + 3):
-                    acc = tl.zeros([BLOCK], dtype=tl.float32)
-                    for st in range(0, n, BLOCK):
-                        offs = st + tl.arange(0, BLOCK).to(tl.int64)
-                        u = _magnitude_bits(_load_bits(bits_ptr, offs, offs < n, FMT), FMT)
-                        acc += _to_f32(_halve_bits(u, lo + i, FMT), FMT)
-                    k = tl.where(_round_to(tl.sum(acc, axis=0), FMT) > t, lo + i + 1, k)
+                    s = _halved_total(bits_ptr, n, lo + i, FMT, False, BLOCK)
+                    k = tl.where(_round_to(s, FMT) > t, lo + i + 1, k)
     k = tl.where(s0 != s0, 0, k)
     tl.store(k_ptr, k)
     if SUM:  # 2**-k as two normal powers (k <= 252; a larger k leaves 0 anyway)
         s2 = _round_to(tl.sum(acc2, axis=0), FMT)
         k1 = tl.minimum(k, 126)
         k2 = tl.minimum(k - k1, 126)
-        scaled = s2 * ((127 - k1) << 23).to(tl.float32, bitcast=True) \
+        out = s2 * ((127 - k1) << 23).to(tl.float32, bitcast=True) \
             * ((127 - k2) << 23).to(tl.float32, bitcast=True)
-        tl.store(out_ptr, tl.where(k == _K_FOREVER, s2, scaled).to(out_ptr.dtype.element_ty))
+        out = tl.where(k == _K_FOREVER, s2, out)
+        rounds = (tl.min(zmin, axis=0) < k.to(tl.float32)) | (s0 > _FMAX)
+        if rounds & (k != _K_FOREVER) & (s0 == s0):  # the halved elements themselves
+            out = _halved_total(bits_ptr, n, k, FMT, True, BLOCK)
+        bits = _round_to(out, FMT).to(tl.int32, bitcast=True)  # x's format: store its bits
+        tl.store(out_ptr, (bits if FMT == 0 else bits >> 16).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -309,15 +326,16 @@ def halve_partials(x_flat, signed=False):
 
 
 def _count(partials, row, t, D, dtype, x_flat=None, out=None):
-    """k (int32 0-dim); also ``out`` = the scaled sum when given (SIGNED partials). x_flat:
-    the tensor the partials describe, for the window (None: no window)."""
+    """k (int32 0-dim); also ``out`` = the halved sum when given (SIGNED partials, x_flat
+    given). x_flat: the tensor the partials describe, for the window (None: no window)."""
     k = torch.empty((), device=partials.device, dtype=torch.int32)
     fp16 = dtype == torch.float16
     window = x_flat is not None and not fp16
     with device_guard(partials):
         _halve_count_kernel[(1,)](
             partials, x_flat.view(BITS_DTYPE[dtype]) if window else partials, k,
-            k if out is None else out, partials.shape[0], x_flat.numel() if window else 0,
+            k if out is None else out.view(BITS_DTYPE[dtype]), partials.shape[0],
+            x_flat.numel() if window else 0,
             float(t), f32_bits(t), D, ROW=row, FMT=FMT[dtype], ALL_SUMS=fp16,
             SUM=out is not None, WINDOW=window, BLOCK_P=COUNT_ROWS_FP16 if fp16 else COUNT_ROWS,
             BLOCK=1024, num_warps=4 if fp16 else 8)
@@ -336,13 +354,14 @@ def halve_count(x_flat, t, D, partials=None, row=NPART.value):
     return _count(partials, row, t, D, x_flat.dtype, x_flat=x_flat)
 
 
-def count_and_sum(partials, t, dtype, row=NPART.value):
-    """(k, out): k as in :func:`halve_count`, out = the seed's ``X.sum()`` after halving,
-    i.e. (sum x, fp32-accumulated, rounded to ``dtype``) * 2**-k, from SIGNED partials of
-    an fp32 or bf16 tensor. Without x itself no window is evaluated: exact unless an
-    element would round (a subnormal result) or |x|'s sum overflows."""
-    out = torch.empty((), device=partials.device, dtype=dtype)
-    return _count(partials, row, t, 0, dtype, out=out), out
+def count_and_sum(partials, x_flat, t, D, row=NPART.value):
+    """(k, out) for a contiguous 1-D fp32 or bf16 tensor x_flat and its SIGNED partials:
+    k as in :func:`halve_count`, out = the seed's ``X.sum()`` after halving (the halved
+    elements added in fp32, rounded to x's dtype): (sum x) * 2**-k from the partials, or,
+    when an element rounds or |x|'s sum overflowed, the halved elements re-read (rare).
+    Neither x nor a halved copy is written."""
+    out = torch.empty((), device=partials.device, dtype=x_flat.dtype)
+    return _count(partials, row, t, D, x_flat.dtype, x_flat=x_flat, out=out), out
 
 
 def halve_scale(x_flat, k, out=None):

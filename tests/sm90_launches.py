@@ -219,7 +219,7 @@ def halve_launches(kernels, full):
                 h.halve_until(x, 1.0, 0)
             if dtype != torch.float16:
                 with case(f"count_and_sum {name} n={n}"):
-                    h.count_and_sum(h.halve_partials(x, signed=True), 1.0, dtype)
+                    h.count_and_sum(h.halve_partials(x, signed=True), x, 1.0, 0)
 
 
 def fixed_hidden_mlp_launches(kernels, full):

@@ -76,3 +76,62 @@ def test_small_batch_forward_is_one_launch(dtype, reduce):
         assert int(k) == k64, f"B={B}: count {int(k)} != the loop's {k64}"
         assert_close_to_ref(out, ref.sum() if reduce == "sum" else ref, dtype,
                             tol=None if reduce is None else 20 * REL_TOL[dtype], what=f"B={B}")
+
+
+def _seed_sum(x, w, b, r, c, t):
+    """The seed's block in plain torch, its loop, then ``X.sum()``: (out, k)."""
+    with torch.no_grad():
+        y = TF.linear(torch.relu(TF.linear(x, w, b) @ r + c), w, b)
+        y, k = halve_until_loop(y, t)
+        return y.sum(), k
+
+
+ROUNDING_CASES = ["bf16-subnormal", "fp32-subnormal", "fp32-sum-overflow"]
+
+
+def _rounding_case(case, device):
+    """(x, w, b, r, c, threshold) as ``case`` names, 65 rows of integer-valued data times
+    powers of two (every matmul and sum exact, so results are comparable bitwise)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-2, 3, (65, 3), generator=g).double()
+    w = torch.tensor([[1., -1., 0.], [0., 1., 1.], [-1., 0., 1.]], dtype=torch.float64)
+    b = torch.tensor([1., -2., 0.], dtype=torch.float64)
+    r = torch.tensor([[1., 0., 1.], [0., 1., 0.], [1., 1., 0.]], dtype=torch.float64)
+    c, dtype = 1.0, torch.float32
+    if case == "bf16-subnormal":
+        dtype = torch.bfloat16
+    elif case == "fp32-subnormal":
+        x, c = x * torch.tensor([1.0, 2.0 ** -20, 1.0], dtype=torch.float64), 0.0
+    else:
+        x, w, b, c = x.abs() * 2.0 ** 120, w.abs(), b.abs() * 2.0 ** 120, 0.0
+    t = 1.0 if case == "fp32-sum-overflow" else torch.finfo(dtype).tiny
+    return (*[v.to(device=device, dtype=dtype) for v in (x, w, b, r)], c, t)
+
+
+@pytest.mark.parametrize("case", ROUNDING_CASES)
+def test_reduce_sum_when_elements_round_or_the_sum_overflows(backend, case):
+    """reduce='sum' over several programs (65 rows) where the shortcut (sum y) * 2**-k is
+    not the loop's: halved elements that round (subnormal results) and a |y| sum that
+    overflows fp32 with finite elements. out and k are bitwise the seed's on both paths."""
+    x, w, b, r, c, t = _rounding_case(case, backend)
+    want, k_want = _seed_sum(x, w, b, r, c, t)
+    out, k = F.fixed_hidden_mlp(x, w, b, r, c=c, threshold=t, reduce="sum", return_count=True)
+    assert int(k) == k_want
+    assert torch.equal(out, want), f"{out.item()!r} != the seed's {want.item()!r}"
+
+
+@requires_triton
+@pytest.mark.parametrize("case", ROUNDING_CASES)
+def test_reduce_sum_composed_path_when_elements_round(case):
+    """The same cases through the composed GEMMs (the d > 64 plan, forced here)."""
+    from fastlayers.kernels import fixed_hidden_mlp as K
+    from fastlayers.ops import halve_until as H
+    x, w, b, r, c, t = _rounding_case(case, KERNEL_DEVICE)
+    want, k_want = _seed_sum(x, w, b, r, c, t)
+    t_in = H.threshold_in(x.dtype, t)
+    window = H.window_below(x.numel(), x.dtype, t_in)
+    with fastlayers.use_backend("triton"):
+        out, k, _ = K.fixed_hidden_mlp_fwd(x, w, b, r, c, t_in, window, True, False,
+                                           path="composed")
+    assert int(k) == k_want
+    assert torch.equal(out, want), f"{out.item()!r} != the seed's {want.item()!r}"
