@@ -82,7 +82,8 @@ def halve_until(x: Tensor, threshold: float = 1.0, return_count: bool = False):
     x's device). For every finite input y is bitwise the loop's result whenever both see
     the same |x|-sums: k from one reduction, plus the loop's sums at a few counts around it
     when elements reach the subnormal range (each halving of a subnormal rounds). The torch
-    path uses torch's own sums (the same device gives the loop's count exactly); the
+    path uses torch's own sums (the same device gives the loop's count exactly; under
+    torch.func.vmap each sample's sum in the loop's order for that sample); the
     Triton path its fp32 partial sums (another summation order: a sum within rounding of
     threshold * 2**j can differ), every S_j for fp16, and a window pass for fp32/bf16
     (see fastlayers.kernels.halve_until). The threshold is

@@ -80,3 +80,32 @@ def test_k_forever_is_one_value_in_ops_and_kernels():
     kernels = pytest.importorskip("fastlayers.kernels.halve_until",
                                   reason="triton is not installed")
     assert ops_halve.K_FOREVER == kernels.K_FOREVER == 2 ** 31 - 1
+
+
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+def test_vmap_counts_each_sample_in_its_own_summation_order(backend, layout):
+    """vmap over a batch dim that is not outermost (columns: in_dims=1, each sample a
+    strided column) or is (rows: in_dims=0 of a contiguous copy): the count must come from
+    the sample's sum as the loop on that sample adds it (``x.abs()`` of a strided column is
+    contiguous), not in the batched reduction's column order. The threshold is exactly the
+    sample's own first sum, so the loop stops at once (k = 0); a sum added in another order
+    can land one rounding above it and halve once."""
+    X = torch.tensor([[0.24650228023529053, -0.4717024266719818],
+                      [-1.5183908939361572, -0.21238605678081512],
+                      [0.5660322308540344, -1.6636672019958496],
+                      [0.3338240087032318, 1.6051437854766846],
+                      [-0.691939651966095, -0.5398714542388916],
+                      [-0.9584746360778809, -0.5706092119216919],
+                      [-0.5433818101882935, -0.43469369411468506],
+                      [0.40363991260528564, -0.3977137804031372]])
+    gen = torch.Generator().manual_seed(5)
+    for X in [X] + [torch.randn(n, 3, generator=gen) for n in (8, 33, 100, 257)]:
+        X = X.to(backend)  # [n, B]: sample j is X[:, j]
+        batched, in_dims = (X, 1) if layout == "columns" else (X.t().contiguous(), 0)
+        for j in range(X.shape[1]):
+            t = float(X[:, j].abs().sum())
+            y, k = halve_until_loop(X[:, j], t)
+            ys, ks = torch.func.vmap(lambda v: F.halve_until(v, t, return_count=True),
+                                     in_dims=in_dims)(batched)
+            assert k == 0 and int(ks[j]) == 0, (tuple(X.shape), j, int(ks[j]))
+            assert torch.equal(ys[j], y)

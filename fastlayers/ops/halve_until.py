@@ -92,10 +92,24 @@ def _normal_halvings(dtype: torch.dtype) -> int:
     return (_format(wide)[1] >> 1) - 1  # 2**-(bias - 1): the smallest normal number
 
 
+def _dense(x: Tensor) -> bool:
+    """Whether x's elements tile a block of memory without gaps or overlaps, in any dim
+    order: then torch's ``x.abs()`` keeps x's layout, else it is written contiguous."""
+    span = 1
+    for stride, size in sorted((st, n) for st, n in zip(x.stride(), x.shape) if n != 1):
+        if stride != span:
+            return False
+        span *= size
+    return True
+
+
 def torch_count(x: Tensor, t: float) -> Tensor:
     """The loop's halving count (int32 0-dim on x's device) for x of any shape and a
-    threshold t already in x's dtype (a positive normal number or inf); no host read."""
-    a = x.abs()
+    threshold t already in x's dtype (a positive normal number or inf); no host read.
+    |x| is laid out as the loop's ``x.abs()`` is, so the sums add in its order: x's own
+    layout when x is dense, else contiguous (:func:`_dense`; under vmap per sample, which
+    the batched tensor's own layout need not be)."""
+    a = (x if _dense(x) else x.contiguous()).abs()
     s0 = a.sum()  # torch's own sum in x's dtype: the seed's first comparison
     s1 = _scaled_sum(a)
     forever = torch.tensor(K_FOREVER, device=x.device)
