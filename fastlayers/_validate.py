@@ -204,9 +204,10 @@ def check_threshold(op: str, dtype: torch.dtype, threshold) -> float:
         raise TypeError(f"{op}: threshold must be a Python float (a tensor threshold "
                         f"would need a device-to-host sync), got {type(threshold).__name__}")
     threshold = threshold * 1.0  # int -> float (float() would specialize a SymFloat)
-    if threshold != threshold or threshold < 0:
-        raise ValueError(f"{op}: threshold must be >= 0 (with {threshold} the seed's loop "
-                         f"`while x.abs().sum() > threshold` never ends or never starts)")
+    if threshold != threshold or threshold <= 0:
+        raise ValueError(f"{op}: threshold must be > 0, got {threshold} (the seed's loop "
+                         f"`while x.abs().sum() > threshold` never starts for NaN; for 0 or "
+                         f"less it runs until every element is 0, or forever)")
     if threshold < SMALLEST_THRESHOLD[dtype]:
         tiny = torch.finfo(dtype).tiny
         raise ValueError(

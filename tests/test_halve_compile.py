@@ -28,8 +28,8 @@ def test_compiled_threshold_checks_still_raise():
     f = torch.compile(lambda x, t: F.halve_until(x, t), fullgraph=True, dynamic=True)
     x = torch.randn(5)
     f(x, 1.0)
-    for bad in (-1.0, math.nan):
-        with pytest.raises(Exception, match="threshold must be >= 0"):
+    for bad in (-1.0, math.nan, 0.0):
+        with pytest.raises(Exception, match="threshold must be > 0"):
             f(x, bad)
     with pytest.raises(Exception, match="smallest normal"):
         f(x.half(), 1e-6)

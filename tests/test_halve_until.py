@@ -338,8 +338,9 @@ def test_device_side_count_equals_host_count():
 
 @pytest.mark.parametrize("case, exc, words", [
     ("int_input", TypeError, ["input", "floating-point", "torch.int64"]),
-    ("negative_threshold", ValueError, ["threshold", ">= 0", "never ends"]),
-    ("nan_threshold", ValueError, ["threshold", ">= 0"]),
+    ("negative_threshold", ValueError, ["threshold must be > 0, got -1.0", "forever"]),
+    ("zero_threshold", ValueError, ["threshold must be > 0, got 0.0", "every element is 0"]),
+    ("nan_threshold", ValueError, ["threshold must be > 0, got nan", "never starts"]),
     ("tiny_threshold", ValueError, ["smallest normal", "float16"]),
     ("tensor_threshold", TypeError, ["Python float", "sync"]),
 ])
@@ -349,6 +350,8 @@ def test_bad_input_gets_clear_error(case, exc, words):
         x = torch.randint(0, 5, (5,))
     elif case == "negative_threshold":
         thr = -1.0
+    elif case == "zero_threshold":
+        thr = 0.0
     elif case == "nan_threshold":
         thr = math.nan
     elif case == "tiny_threshold":

@@ -314,7 +314,7 @@ MUTANTS = [
       "CPU eager autograd always through HalveUntilFunction"),
     M("hu-threshold-bf16", OHU, "return float(torch.tensor(threshold, dtype=dtype))",
       "return float(threshold)", "threshold not rounded to x's dtype"),
-    M("hu-threshold-negative", VAL, "if threshold != threshold or threshold < 0:",
+    M("hu-threshold-negative", VAL, "if threshold != threshold or threshold <= 0:",
       "if threshold != threshold:", "negative threshold accepted (hangs the seed)"),
     M("hu-threshold-tiny", VAL, "    if threshold < SMALLEST_THRESHOLD[dtype]:\n",
       "    if threshold < 0:\n", "subnormal threshold accepted"),
