@@ -88,6 +88,10 @@ def to_safetensors(obj) -> Tuple[dict, dict]:
         for key, _ in named:
             if not isinstance(key, str):
                 raise TypeError(f"{_WHAT}: keys must be strings, got {key!r}")
+            if key == "__metadata__":  # the file could be written but never read back
+                raise TypeError(f"{_WHAT}: the key '__metadata__' is the safetensors "
+                                f"header's own; rename the entry or use a torch path "
+                                f"(e.g. '.pt')")
     else:
         raise TypeError(f"{_WHAT}: a safetensors file holds a tensor, a list/tuple of tensors or "
                         f"a flat dict of tensors, got {type(obj).__name__}; use a torch path "
@@ -95,7 +99,9 @@ def to_safetensors(obj) -> Tuple[dict, dict]:
     tensors, seen_storage = {}, set()
     for key, t in named:
         _check_tensor(key, t)
-        t = t.detach().contiguous()
+        # the values, not the memory: a conjugate or negative view holds its elements
+        # un-negated, with a flag the format has no place for
+        t = t.detach().resolve_conj().resolve_neg().contiguous()
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
         if ptr in seen_storage or storage.nbytes() != t.nbytes or t.storage_offset() != 0:

@@ -383,3 +383,26 @@ def test_load_model_defaults_to_the_model_device(tmp_path):
     meta = _net().to("meta")
     fio.load_model(meta, tmp_path / "net.pt")  # loaded onto meta, so the copy is legal
     assert meta[0].weight.device.type == "meta"
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_conjugate_and_negative_views_keep_their_values(tmp_path, fmt):
+    """x.conj() and torch._neg_view(x) are lazy views (a flag over un-negated memory);
+    both formats write their values."""
+    z = torch.randn(3, 2, dtype=torch.complex64)
+    data = {"conj": z.conj(), "conj_t": z.t().conj(), "neg": torch._neg_view(z.conj())}
+    assert data["conj"].is_conj() and data["neg"].is_neg()
+    path = tmp_path / f"c.{fmt}"
+    fio.save(data, path)
+    back = fio.load(path)
+    for key, value in data.items():
+        assert torch.equal(back[key], value.resolve_conj().resolve_neg()), key
+
+
+def test_safetensors_refuses_the_header_key(tmp_path):
+    """'__metadata__' is the safetensors header's own key: a file holding an entry of that
+    name would be written but could never be read; save refuses it and keeps no file."""
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(TypeError, match="__metadata__"):
+        fio.save({"__metadata__": torch.ones(2), "w": torch.ones(2)}, path)
+    assert not path.exists()
