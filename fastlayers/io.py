@@ -107,7 +107,22 @@ def _check_readable(path) -> None:
         raise access_error(path, exc) from exc
 
 
-_DEVICE_MESSAGES = ("Attempting to deserialize object on", "not compiled with")
+# torch's words for storages tagged with a device this build or machine lacks (CUDA, MPS,
+# XPU, ...): the file is intact, the device is missing
+_DEVICE_MESSAGES = ("Attempting to deserialize object on", "not compiled with",
+                    "Storage device not recognized", "don't know how to restore data location")
+
+
+def _check_map_location(map_location) -> None:
+    """A string map_location must name a device (``'gpu'`` would surface as torch's failure
+    to restore the data, which is not the file's fault)."""
+    if isinstance(map_location, str):
+        try:
+            torch.device(map_location)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"fastlayers.io.load: map_location={map_location!r} is not a "
+                             f"device ({str(exc).strip().splitlines()[0]}); use e.g. 'cpu' "
+                             f"or 'cuda:0'") from exc
 
 
 def _load_torch(path, map_location, verify: bool):
@@ -150,11 +165,13 @@ def load(path, map_location=None, *, verify: bool = True):
         (default: the CPU).
     verify: check the checksums first (one read of what torch reads); False skips it for
         large files you trust to be intact.
-    Raises, each naming the file, with the cause chained: :class:`FileAccessError` (as
+    Raises ValueError for a map_location string that names no device; else, each naming
+    the file, with the cause chained: :class:`FileAccessError` (as
     FileNotFoundError, PermissionError, IsADirectoryError, or :class:`SpecialFileError`),
     :class:`UnsafeFileError` (the file would run code), :class:`DeviceUnavailableError`, or
     :class:`CorruptFileError` (truncated, corrupted, edited or not a checkpoint).
     """
+    _check_map_location(map_location)
     _check_readable(path)
     if _is_safetensors(path):
         return load_safetensors(path, map_location, verify)

@@ -317,3 +317,25 @@ def test_crc_helper_covers_every_byte():
     t = torch.randn(17, dtype=torch.bfloat16)
     assert io_safetensors.crc32(t) == zlib.crc32(t.view(torch.int16).numpy().tobytes())
     assert io_safetensors.crc32(torch.empty(0)) == 0
+
+
+def test_file_tagged_with_an_unknown_device_is_not_called_corrupt(tmp_path, monkeypatch):
+    """A file saved on a device torch here does not know (an Apple GPU: 'mps') is intact:
+    DeviceUnavailableError with the map_location hint, and map_location='cpu' loads it."""
+    path = tmp_path / "mps.pt"
+    state = _state()
+    _save_as_if_on(monkeypatch, state, path, "mps")
+    with pytest.raises(fio.DeviceUnavailableError, match=r"mps\.pt: .*map_location='cpu'"):
+        fio.load(path)
+    _assert_same(fio.load(path, map_location="cpu"), state)
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+@pytest.mark.parametrize("bad", ["gpu", "cuda:x"])
+def test_a_map_location_naming_no_device_is_an_argument_error(tmp_path, fmt, bad):
+    path = tmp_path / f"ok.{fmt}"
+    fio.save(_state(), path)
+    with pytest.raises(ValueError, match=rf"map_location='{bad}' is not a device") as info:
+        fio.load(path, map_location=bad)
+    assert not isinstance(info.value, fio.CorruptFileError)
+    _assert_same(fio.load(path, map_location="cpu"), _state())
