@@ -32,6 +32,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import hashlib
 import os
 import secrets
 import stat
@@ -49,8 +50,16 @@ def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
+_NAME_MAX = 255  # bytes in one file name (Linux, macOS, Windows)
+
+
 def _temp_name(directory: str, name: str) -> str:
-    return os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    """``.<name>.<pid>.<random>.tmp`` beside the target; for a name too long to carry
+    those extra bytes, a short digest of it stands for it (the temp name stays legal)."""
+    suffix = f".{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    if len(os.fsencode(f".{name}{suffix}")) > _NAME_MAX:
+        name = hashlib.sha1(os.fsencode(name)).hexdigest()[:16]
+    return os.path.join(directory, f".{name}{suffix}")
 
 
 def _link_anonymous(fd: int, dest: str) -> bool:

@@ -311,3 +311,20 @@ def test_hard_links_keep_the_old_content_under_their_other_names(tmp_path):
     _equal(fio.load(path), _tensors(1))
     _equal(fio.load(other), _tensors(0))
     assert path.stat().st_nlink == 1 and other.stat().st_nlink == 1
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_longest_file_names_save_like_torch(tmp_path, monkeypatch, fmt, route):
+    """A 255-byte name (the most one directory entry holds) saves, as with torch.save: the
+    temporary name beside it must stay legal too. No temporary file is left, and the
+    anonymous route stays on for later saves."""
+    _route(monkeypatch, route)
+    before = _atomic_write._anonymous_works
+    path = tmp_path / ("x" * (255 - len(fmt) - 1) + "." + fmt)
+    fio.save(_tensors(0), path)
+    _equal(fio.load(path), _tensors(0))
+    fio.save(_tensors(1), path)  # replace it
+    _equal(fio.load(path), _tensors(1))
+    assert os.listdir(tmp_path) == [path.name]
+    assert _atomic_write._anonymous_works == before
