@@ -64,7 +64,7 @@ def _parse(var: str, kind: str, default, value):
         return parse_flag(var, value, default)
     if kind == "backend":
         return parse_backend(var, value, default)
-    return (value or "").strip() or default
+    return (value or "").strip().lower() or default  # names: any case
 
 
 # The parsed values, read by the rest of the package (module attributes: cheap to read).
@@ -86,19 +86,24 @@ def load(environ=os.environ) -> None:
 
 def update(**values) -> dict:
     """Set switches by attribute name (backend, check, autotune, tma, ...); returns the
-    previous values of those given. Values are validated as the environment's are."""
+    previous values of those given. Values are validated as the environment's are, all of
+    them before any is set: a bad one raises and changes nothing."""
     attrs = {attr: (var, kind) for var, (attr, kind, _d) in SETTINGS.items()}
-    previous = {}
+    checked = {}
     for attr, value in values.items():
         if attr not in attrs:
             raise KeyError(f"fastlayers.settings: no setting {attr!r}; known: {sorted(attrs)}")
         var, kind = attrs[attr]
         if kind == "flag" and not isinstance(value, bool):
             raise TypeError(f"fastlayers.settings: {attr} ({var}) must be a bool, got {value!r}")
-        if kind == "backend":
-            value = parse_backend(var, value)
-        previous[attr] = globals()[attr]
-        globals()[attr] = value
+        if kind == "text" and not isinstance(value, (str, type(None))):
+            raise TypeError(f"fastlayers.settings: {attr} ({var}) must be a string or None, "
+                            f"got {value!r}")
+        if kind != "flag":
+            value = _parse(var, kind, None if kind == "text" else "auto", value)
+        checked[attr] = value
+    previous = {attr: globals()[attr] for attr in checked}
+    globals().update(checked)
     _push_to_kernels()
     return previous
 

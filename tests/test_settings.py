@@ -159,3 +159,27 @@ def test_triton_interpret_set_after_import_in_a_fresh_process():
                          timeout=300, env=env)
     assert out.returncode != 0
     assert "TRITON_INTERPRET=1 was set after triton was imported" in out.stderr, out.stderr
+
+
+def test_a_failed_update_changes_nothing():
+    """Every value is validated before any is set: a bad one raises and leaves the
+    earlier, valid ones of the same call unapplied."""
+    before = settings.as_dict()
+    with pytest.raises(TypeError, match="autotune"):
+        settings.update(check=True, backend="torch", autotune="yes")
+    with pytest.raises(TypeError, match="tour_fail"):
+        settings.update(check=True, tour_fail=5)
+    with pytest.raises(ValueError, match="FASTLAYERS_BACKEND"):
+        settings.update(check=True, backend="cuda")
+    assert settings.as_dict() == before
+
+
+def test_tour_section_names_are_case_insensitive():
+    assert settings.read("FASTLAYERS_TOUR_FAIL", {"FASTLAYERS_TOUR_FAIL": " Layers "}) == "layers"
+    assert settings.read("FASTLAYERS_TOUR_FAIL", {"FASTLAYERS_TOUR_FAIL": "ALL"}) == "all"
+    assert settings.read("FASTLAYERS_TOUR_FAIL", {}) is None
+    previous = settings.update(tour_fail="Init")
+    try:
+        assert settings.tour_fail == "init"
+    finally:
+        settings.update(**previous)
