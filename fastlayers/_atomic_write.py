@@ -154,6 +154,10 @@ def resolve_target(path):
     path) for directories, special files, unwritable files, missing directories and
     symbolic-link loops."""
     given = os.fspath(path)
+    if given.endswith((os.sep, os.altsep or os.sep)):  # open() refuses it: a directory name
+        raise new_access_error(IsADirectoryError, errno.EISDIR,
+                               f"cannot save to {given}: a path ending in a separator names a "
+                               f"directory", given)
     path = os.path.realpath(os.path.abspath(given))
     if os.path.islink(path):  # realpath stops inside a loop
         raise new_access_error(OSError, errno.ELOOP, f"cannot save to {given}: too many levels "

@@ -328,3 +328,14 @@ def test_longest_file_names_save_like_torch(tmp_path, monkeypatch, fmt, route):
     _equal(fio.load(path), _tensors(1))
     assert os.listdir(tmp_path) == [path.name]
     assert _atomic_write._anonymous_works == before
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_path_ending_in_a_separator_is_refused_like_open_does(tmp_path, fmt):
+    """``ckpt.pt/`` names a directory: open() and torch.save refuse it; so does save,
+    writing nothing (it used to write ``ckpt.pt``)."""
+    path = str(tmp_path / f"ckpt.{fmt}") + os.sep
+    with pytest.raises(IsADirectoryError, match="ending in a separator") as info:
+        fio.save(_tensors(0), path)
+    assert isinstance(info.value, fio.FileAccessError)
+    assert os.listdir(tmp_path) == []
