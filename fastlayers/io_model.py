@@ -105,10 +105,24 @@ def _check_keys(saved: dict, own: dict, report: LoadReport) -> set:
     return {m[0] for m in report.mismatched} | {w[0] for w in report.wrong_type}
 
 
-def _restore(targets: dict, backup: dict) -> None:
+_EXTRA = "_extra_state"  # torch's key suffix for a module's get_extra_state()
+
+
+def _backup(own: dict, keys) -> dict:
+    """What loading ``keys`` may overwrite: tensor copies, and modules' extra state (as
+    ``get_extra_state`` gave it for this state_dict)."""
+    return {k: t.detach().clone() if isinstance(t, torch.Tensor) else t
+            for k, t in own.items()
+            if k in keys and (k.endswith(_EXTRA) or isinstance(t, torch.Tensor) and not is_lazy(t))}
+
+
+def _restore(model: nn.Module, targets: dict, backup: dict) -> None:
     with torch.no_grad():
         for key, saved in backup.items():
-            targets[key].copy_(saved)
+            if key.endswith(_EXTRA) and not isinstance(targets[key], torch.Tensor):
+                model.get_submodule(key[:-len(_EXTRA)].rstrip(".")).set_extra_state(saved)
+            else:
+                targets[key].copy_(saved)
 
 
 def load_model(model: nn.Module, path, strict: bool = True, map_location=None, *,
@@ -117,7 +131,8 @@ def load_model(model: nn.Module, path, strict: bool = True, map_location=None, *
 
     strict: True (default) raises :class:`StateDictMismatchError` listing every missing,
         unexpected, mis-shaped and mis-typed key, and leaves ``model`` exactly as it was
-        (bitwise; lazy layers the file materialised stay materialised); False loads every
+        (bitwise, modules' extra state too; lazy layers the file materialised stay
+    materialised); False loads every
         key that fits and returns the report of the rest.
     map_location: where tensors are loaded before copying (default: the model's device, so
         a file saved on a GPU loads into a CPU model).
@@ -144,17 +159,16 @@ def load_model(model: nn.Module, path, strict: bool = True, map_location=None, *
     fitting = OrderedDict((k, v) for k, v in saved.items() if k not in rejected)
     if hasattr(saved, "_metadata"):
         fitting._metadata = saved._metadata
-    backup = {k: t.detach().clone() for k, t in own.items()
-              if k in fitting and isinstance(t, torch.Tensor) and not is_lazy(t)}
+    backup = _backup(own, fitting)
     try:
         result = model.load_state_dict(fitting, strict=False)
     except Exception as exc:
-        _restore(own, backup)
+        _restore(model, own, backup)
         raise StateDictMismatchError(f"cannot load {os.fspath(path)} into {name}: "
                                      f"{str(exc).strip()} (the model was left as it was)") from exc
     report.missing_keys = [k for k in result.missing_keys if k not in rejected]
     report.unexpected_keys = list(result.unexpected_keys)
     if strict and not report.ok:
-        _restore(own, backup)
+        _restore(model, own, backup)
         raise StateDictMismatchError(str(report))
     return report

@@ -127,3 +127,40 @@ def test_missing_and_unexpected_keys_in_strict_mode_undo_the_load(tmp_path):
     assert "1 missing key(s) (in the model, not in the file): 3.bias" in str(info.value)
     assert "1 unexpected key(s) (in the file, not in the model): extra" in str(info.value)
     _assert_bitwise_unchanged(model, snapshot)
+
+
+class _Counter(nn.Module):
+    """A module with extra state (get_extra_state / set_extra_state), e.g. a step count."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.step = 0
+
+    def get_extra_state(self):
+        return {"step": self.step}
+
+    def set_extra_state(self, state):
+        self.step = state["step"]
+
+
+@pytest.mark.parametrize("failure", ["hook", "strict"])
+def test_a_failed_load_puts_modules_extra_state_back(tmp_path, failure):
+    """Extra state is set by torch as it walks the modules: a later failure (a raising
+    hook, or strict mode's missing key) puts it back with the tensors."""
+    src = nn.Sequential(_Counter(), nn.Linear(2, 2))
+    src[0].step = 7
+    state = src.state_dict()
+    if failure == "strict":
+        del state["1.bias"]
+    fio.save(state, tmp_path / "s.pt")
+    dst = nn.Sequential(_Counter(), _Exploding(2, 2) if failure == "hook" else nn.Linear(2, 2))
+    tensors = {k: v.detach().clone() for k, v in dst.state_dict().items()
+               if isinstance(v, torch.Tensor)}
+    with pytest.raises(fio.StateDictMismatchError):
+        fio.load_model(dst, tmp_path / "s.pt")
+    assert dst[0].step == 0
+    for k, v in tensors.items():
+        assert torch.equal(dst.state_dict()[k], v), k
+    assert fio.load_model(dst[:1], tmp_path / "s.pt", strict=False).missing_keys == []
+    assert dst[0].step == 7  # a load that succeeds does set it
