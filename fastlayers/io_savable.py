@@ -15,9 +15,10 @@ _LEAVES = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch
 _CONTAINERS = (list, tuple, dict, OrderedDict, set)
 
 
-def check_savable(obj, where: str = "obj") -> None:
+def check_savable(obj, where: str = "obj", _seen=None) -> None:
     """Raise TypeError naming the first entry of ``obj`` that weights_only loading would
-    refuse. where: how the message names ``obj`` (entries are named from it)."""
+    refuse. where: how the message names ``obj`` (entries are named from it). A container
+    that holds itself is walked once (pickle keeps such references, as torch.save does)."""
     if isinstance(obj, torch.Tensor):
         if is_lazy(obj):
             raise TypeError(f"fastlayers.io.save: {where} is an uninitialised lazy parameter; "
@@ -25,16 +26,26 @@ def check_savable(obj, where: str = "obj") -> None:
         if type(obj) not in (torch.Tensor, nn.Parameter):
             raise TypeError(f"fastlayers.io.save: {where} is a tensor subclass "
                             f"({type(obj).__name__}); save a plain tensor (t.as_subclass(torch.Tensor))")
+        if obj.layout == torch.strided and not (obj.is_quantized or obj.is_nested) \
+                and obj.untyped_storage().nbytes() % obj.element_size():
+            raise TypeError(f"fastlayers.io.save: {where} is a {obj.dtype} view of a storage "
+                            f"of {obj.untyped_storage().nbytes()} bytes, not a whole number of "
+                            f"its {obj.element_size()}-byte elements, which torch.load cannot "
+                            f"read back; save a copy of it (.clone())")
         return
     if type(obj) in _LEAVES:
         return
     if type(obj) in _CONTAINERS:
+        _seen = set() if _seen is None else _seen
+        if id(obj) in _seen:
+            return
+        _seen.add(id(obj))
         items = obj.items() if isinstance(obj, dict) else enumerate(obj)
         for key, value in items:
             if isinstance(obj, dict):
-                check_savable(key, f"a key of {where}")
+                check_savable(key, f"a key of {where}", _seen)
             check_savable(value, f"{where}[{key!r}]" if not isinstance(obj, set) else
-                          f"an element of {where}")
+                          f"an element of {where}", _seen)
         return
     hint = (" Save its state_dict() instead (or use fastlayers.io.save_model)"
             if isinstance(obj, nn.Module) else "")
