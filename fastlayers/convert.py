@@ -41,6 +41,10 @@ What is recognised with certainty, and so rewritten:
   :class:`SkippedFusionWarning` naming each module path and its hooks; the warning's
   ``skipped`` attribute holds the same as ``(path, reason)`` pairs. unfuse() does the same
   for a hooked ``LinearReLU`` or ``Identity``.
+* So is a pair whose Linear (or LinearReLU) holds anything beyond weight and bias (an
+  extra parameter, a buffer or a submodule: the new layer would drop it, changing
+  state_dict keys and what an optimizer sees), or whose Linear or ReLU has a ``forward``
+  set on the instance (the rewrite would bypass it); the same warning names them.
 * An uninitialised lazy layer reachable under more than one name is left alone (it could
   not materialise consistently in two places); initialised shared layers are fine.
 
@@ -78,7 +82,8 @@ _RELU_KEY = "_fastlayers_fused_relu"
 
 
 class SkippedFusionWarning(UserWarning):
-    """fuse()/unfuse() left pairs as they were because of hooks. ``skipped``: a list of
+    """fuse()/unfuse() left pairs as they were because of hooks or state the rewrite would
+    not carry (see the module docstring). ``skipped``: a list of
     ``(module path, reason)``, e.g. ``("net.0", "nn.Linear carries a forward pre-hook")``."""
 
     def __init__(self, message: str, skipped: List[Tuple[str, str]]):
@@ -130,6 +135,17 @@ def _hooks(module: nn.Module) -> List[str]:
 
 def _global_hooks() -> List[str]:
     return [kind for attr, kind in _GLOBAL_HOOKS.items() if getattr(_torch_module, attr, None)]
+
+
+def _left_behind(module: nn.Module, keep=()) -> List[str]:
+    """What replacing ``module`` would lose: a forward set on the instance, or parameters,
+    buffers and submodules other than those named in ``keep`` (moved to the new layer)."""
+    lost = ["a forward set on the instance"] if "forward" in vars(module) else []
+    extra = [n for n in module._parameters if n not in keep] + list(module._buffers) + \
+        list(module._modules)
+    if extra:
+        lost.append(f"state the new layer would drop ({', '.join(extra)})")
+    return lost
 
 
 def _lazy(module) -> bool:
@@ -204,6 +220,9 @@ def _rewrite(model: nn.Module, rule: Tuple, inplace: bool) -> nn.Module:
                 continue
             reasons = [(f"{path}.{name}" if path else name, f"{_kind(m)} carries a {kind}")
                        for name, m in ((name_a, a), (name_b, b)) for kind in _hooks(m)]
+            reasons += [(f"{path}.{name}" if path else name, f"{_kind(m)} holds {what}")
+                        for name, m, keep in ((name_a, a, ("weight", "bias")), (name_b, b, ()))
+                        for what in _left_behind(m, keep)]
             if reasons or global_hooks:
                 skipped += reasons or [(f"{path}.{name_a}" if path else name_a,
                                         f"{', '.join(global_hooks)} registered")]
@@ -220,8 +239,9 @@ def _rewrite(model: nn.Module, rule: Tuple, inplace: bool) -> nn.Module:
             "LinearReLU+Identity pairs left fused"
         listing = "; ".join(f"{p!r}: {why}" for p, why in skipped)
         warnings.warn(SkippedFusionWarning(
-            f"{verb}(): {pairs} because of hooks, which would see other values or not run at "
-            f"all after the rewrite: {listing}. Remove the hooks before {verb}() (or register "
+            f"{verb}(): {pairs} because the rewrite would change what they do (hooks would "
+            f"see other values or not run at all; other state would be dropped or bypassed): "
+            f"{listing}. Remove the hooks before {verb}() (or register "
             f"them afterwards) to rewrite these too.", skipped), stacklevel=3)
     return model
 
