@@ -291,3 +291,19 @@ def test_explain_reports_lines_and_leaves_the_model_alone():
     assert type(model.fc) is nn.Linear and not model.fc._forward_hooks
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_centering_is_left_to_torch(dtype):
+    """Eager 16-bit ``x - x.mean()`` rounds the mean to 16 bits first; the fused op keeps it
+    in fp32 and rounds once, so the results differ in the last bit: left alone, and the
+    compiled model's outputs and gradients equal eager's bitwise."""
+    model = Fn(lambda s, x: (x - x.mean(), x - x.mean(-1, keepdim=True))).to(dtype)
+    x = (torch.randn(4, 6) * 3 + 1).to(dtype)
+    b = backend(inner="aot_eager")
+    compiled = torch.compile(model, backend=b, fullgraph=True)
+    got, want = compiled(x), model(x)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert b.report.counts()["centered"] == 0
+    assert len(b.report.reasons("centered")) == 2
+    assert all("rounds the mean to 16 bits" in r for r in b.report.reasons("centered"))

@@ -7,7 +7,8 @@ to the user, or says why it is left alone. The conditions, for every pattern:
   op of the pattern: a value that is returned, hooked, stored or read elsewhere is kept;
 * float32/float16/bfloat16 operands on one CPU or CUDA device, with the dtypes eager torch
   would produce (an autocast that changes ``x @ W + b``'s dtype, float64, complex and
-  integer tensors are left to torch);
+  integer tensors are left to torch); centering fp32 only (16-bit eager rounds the mean to
+  16 bits first, the fused op does not);
 * static shapes that fit the fused op (2-D weight, bias [out]); symbolic sizes must be
   provably equal;
 * no in-place op anywhere between the pattern's first and last node;
@@ -276,6 +277,9 @@ def _match_sub(sub: Node) -> Optional[Match]:
         m.reason = _tensor_problem({"input": xv})
         if m.reason is None and val(sub).dtype != xv.dtype:
             m.reason = "the result's dtype differs from the input's"
+        elif m.reason is None and xv.dtype in (torch.float16, torch.bfloat16):
+            m.reason = (f"{xv.dtype}: eager rounds the mean to 16 bits before subtracting, "
+                        f"the fused op keeps it in fp32 (one rounding), so results differ")
     return m
 
 
