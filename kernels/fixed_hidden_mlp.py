@@ -8,8 +8,9 @@ the halved y (or its sum) and k: ONE launch. Otherwise each program writes y plu
 of partial sums (sum |y|, sum |y| * 2**-64, sum y); then the one-program count kernel
 derives k (and, for ``reduce='sum'``, the result: (sum y) * 2**-k, or the halved y re-read
 and added when an element rounds or |y|'s sum overflowed), and the scale kernel halves y
-in place: 3 launches (2 for ``reduce='sum'``, which never halves y in memory). fp16 rows also hold every S_j (see kernels.halve_until); its
-``reduce='sum'`` writes and halves y, then sums it with torch (the seed's ``X.sum()``).
+in place: 3 launches (2 for ``reduce='sum'``, which never halves y in memory). fp16 rows
+also hold every S_j (see kernels.halve_until); its ``reduce='sum'`` halves y, then sums it
+with torch (the seed's ``X.sum()``).
 Larger d composes three fused GEMMs and the halving kernels.
 
 Numerics: fp32 accumulation; every intermediate (L(x), the fixed-hidden output, y) is
