@@ -156,6 +156,13 @@ def _first_guess(s0, s1, t, t_bits):
 
 
 @triton.jit
+def _window_needed(z, k, s0):
+    """S_j is not S_0 * 2**-j up to j = k: an element rounds within k halvings (z: the least
+    count of exact halvings, int32) or S_0 overflowed (never for k = K_FOREVER or NaN)."""
+    return ((z < k) | (s0 > _FMAX)) & (k != _K_FOREVER) & (s0 == s0)
+
+
+@triton.jit
 def _total(a):
     """Sum of a 2-D block (fp32)."""
     return tl.sum(tl.sum(a, axis=1), axis=0)
@@ -171,7 +178,7 @@ def count_in_block(u, mask, t, t_bits, D, FMT: tl.constexpr):
     s0 = _round_to(_total(a), FMT)
     k = _first_guess(s0, _total(a * _TWO_M_SCALE), t, t_bits)
     z = tl.min(tl.min(_trailing_zeros(mag, FMT), axis=1), axis=0)
-    if ((z < k) | (s0 > _FMAX)) & (k != _K_FOREVER) & (s0 == s0):
+    if _window_needed(z, k, s0):
         lo = tl.maximum(k - 1 - D, 0)
         k = lo
         for i in range(0, D + 3):
@@ -252,6 +259,7 @@ def _halve_count_kernel(part_ptr, bits_ptr, k_ptr, out_ptr, P, n, t, t_bits, D,
             sums += tl.load(row[:, None] + COL_SUMS + j[None, :],
                             mask=ok[:, None] & (j < FP16_SUMS)[None, :], other=0.0)
     s0 = tl.sum(acc0, axis=0)  # fp32: +inf only when an element is (fp16 sums cannot overflow it)
+    z = tl.min(zmin, axis=0).to(tl.int32)  # exact halvings of every element
     if ALL_SUMS:  # k = #{j : S_j > t}; all FP16_SUMS: S_41 > t, an infinite element
         k = tl.sum((_round_to(tl.sum(sums, axis=0), FMT) > t).to(tl.int32), axis=0)
         k = tl.where(k == FP16_SUMS, _K_FOREVER, k)
@@ -259,8 +267,7 @@ def _halve_count_kernel(part_ptr, bits_ptr, k_ptr, out_ptr, P, n, t, t_bits, D,
         s0 = _round_to(s0, FMT)
         k = _first_guess(s0, tl.sum(acc1, axis=0), t, t_bits)
         if WINDOW:
-            rounds = (tl.min(zmin, axis=0) < k.to(tl.float32)) | (s0 > _FMAX)
-            if rounds & (k != _K_FOREVER) & (s0 == s0):
+            if _window_needed(z, k, s0):
                 lo = tl.maximum(k - 1 - D, 0)
                 k = lo
                 for i in range(0, D + 3):
@@ -275,8 +282,7 @@ def _halve_count_kernel(part_ptr, bits_ptr, k_ptr, out_ptr, P, n, t, t_bits, D,
         out = s2 * ((127 - k1) << 23).to(tl.float32, bitcast=True) \
             * ((127 - k2) << 23).to(tl.float32, bitcast=True)
         out = tl.where(k == _K_FOREVER, s2, out)
-        rounds = (tl.min(zmin, axis=0) < k.to(tl.float32)) | (s0 > _FMAX)
-        if rounds & (k != _K_FOREVER) & (s0 == s0):  # the halved elements themselves
+        if _window_needed(z, k, s0):  # the halved elements themselves
             out = _halved_total(bits_ptr, n, k, FMT, True, BLOCK)
         bits = _round_to(out, FMT).to(tl.int32, bitcast=True)  # x's format: store its bits
         tl.store(out_ptr, (bits if FMT == 0 else bits >> 16).to(out_ptr.dtype.element_ty))
