@@ -165,8 +165,9 @@ def _fused(linear: nn.Linear) -> nn.Module:
     if _lazy(linear):
         factory = {"device": linear.weight.device, "dtype": linear.weight.dtype}
         return LazyLinearReLU(linear.out_features, bias, **factory).train(linear.training)
-    return _moved(linear, LinearReLU(linear.in_features, linear.out_features, bias,
-                                     device="meta", dtype=linear.weight.dtype))
+    out_f, in_f = linear.weight.shape  # a loaded, not yet called lazy layer says in=0
+    return _moved(linear, LinearReLU(in_f, out_f, bias, device="meta",
+                                     dtype=linear.weight.dtype))
 
 
 def _unfused(layer: LinearReLU) -> nn.Module:
@@ -174,8 +175,8 @@ def _unfused(layer: LinearReLU) -> nn.Module:
     if _lazy(layer):
         factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
         return nn.LazyLinear(layer.out_features, bias, **factory).train(layer.training)
-    return _moved(layer, nn.Linear(layer.in_features, layer.out_features, bias,
-                                   device="meta", dtype=layer.weight.dtype))
+    out_f, in_f = layer.weight.shape
+    return _moved(layer, nn.Linear(in_f, out_f, bias, device="meta", dtype=layer.weight.dtype))
 
 
 def _identity_for(relu: nn.ReLU) -> nn.Module:

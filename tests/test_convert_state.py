@@ -41,3 +41,19 @@ def test_a_pair_the_rewrite_would_change_is_left_unfused_and_named(backend):
         assert torch.equal(fused(x), want)
     assert list(fused.state_dict()) == keys
     assert [n for n, _ in fused.named_parameters()] == [n for n, _ in model.named_parameters()]
+
+
+def test_lazy_layers_loaded_but_not_called_convert_with_their_loaded_sizes():
+    """A lazy layer materialised by load_state_dict still says in_features=0 until its first
+    call; fuse()/unfuse() build the other class from the loaded weight's shape."""
+    sd = nn.Sequential(nn.Linear(5, 3), nn.ReLU()).state_dict()
+    seq = nn.Sequential(nn.LazyLinear(3), nn.ReLU())
+    seq.load_state_dict(sd)
+    fused = fastlayers.fuse(seq, inplace=False)
+    assert type(fused[0]) is fastlayers.LinearReLU and fused[0].in_features == 5
+    lazy = nn.Sequential(fastlayers.LazyLinearReLU(3), nn.Identity())
+    lazy.load_state_dict(sd)
+    plain = fastlayers.unfuse(lazy, inplace=False)
+    assert type(plain[0]) is nn.Linear and plain[0].in_features == 5
+    x = torch.randn(2, 5)
+    assert torch.equal(fused(x), seq(x)) and torch.equal(plain(x), seq(x))

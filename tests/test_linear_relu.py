@@ -264,6 +264,27 @@ def test_lazy_linear_relu_prints_and_infers():
     assert torch.all(y >= 0)
 
 
+def test_lazy_linear_relu_loaded_before_its_first_call():
+    """As nn.LazyLinear: a state_dict loaded before the first call gives the weight, and the
+    first call then sets in_features from it (or refuses an input of another width)."""
+    plain = fastlayers.LinearReLU(5, 3)
+    for lazy, torch_lazy in ((fastlayers.LazyLinearReLU(3), nn.LazyLinear(3)),
+                             (fastlayers.LazyLinearReLU(3), None)):
+        lazy.load_state_dict(plain.state_dict())
+        if torch_lazy is None:
+            with pytest.raises(ValueError, match="input has 4 features.*expects 5"):
+                lazy(torch.randn(2, 4))
+            continue
+        torch_lazy.load_state_dict(plain.state_dict())
+        x = torch.randn(2, 5)
+        assert torch.equal(lazy(x), plain(x))
+        torch_lazy(x)
+        assert type(lazy) is fastlayers.LinearReLU
+        assert lazy.in_features == torch_lazy.in_features == 5
+        assert repr(lazy) == "LinearReLU(in_features=5, out_features=3, bias=True)"
+        assert fastlayers.unfuse(nn.Sequential(lazy))[0].in_features == 5
+
+
 def test_mylinear_matches_seed_and_gets_gradients(backend):
     layer = fastlayers.MyLinear(5, 3).to(backend)
     assert layer.weight.shape == (5, 3) and layer.bias.shape == (3,)

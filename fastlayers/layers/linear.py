@@ -80,7 +80,8 @@ class LazyLinearReLU(LazyModuleMixin, LinearReLU):
             LinearReLU.reset_parameters(self)
 
     def initialize_parameters(self, x: torch.Tensor) -> None:
-        """Infer ``in_features`` from ``x.shape[-1]`` and initialise like nn.Linear."""
+        """Infer ``in_features`` from ``x.shape[-1]`` and initialise like nn.Linear (a
+        weight loaded from a state_dict first is kept, and gives ``in_features``)."""
         if self.has_uninitialized_params():
             with torch.no_grad():
                 self.in_features = x.shape[-1]
@@ -88,6 +89,12 @@ class LazyLinearReLU(LazyModuleMixin, LinearReLU):
                 if self.bias is not None:
                     self.bias.materialize((self.out_features,))
                 self.reset_parameters()
+        elif self.in_features == 0:  # materialised by load_state_dict: read it off the weight
+            if x.shape[-1] != self.weight.shape[-1]:
+                raise ValueError(f"LazyLinearReLU: input has {x.shape[-1]} features, the "
+                                 f"loaded weight {list(self.weight.shape)} expects "
+                                 f"{self.weight.shape[-1]}")
+            self.in_features = self.weight.shape[-1]
 
 
 class MyLinear(nn.Module):
