@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastlayers
-from fastlayers import tour
+from fastlayers import _backend, tour
 from fastlayers.tour import runner
 from fastlayers.tour.sections import SECTIONS
 
@@ -78,6 +78,25 @@ def test_bad_arguments_exit_2(monkeypatch, capsys):
     if not HAS_CUDA:
         assert main(["--device", "cuda", "--quick"]) == 2
         assert "no CUDA GPU" in capsys.readouterr().err
+    if HAS_TRITON:  # a backend that cannot run on the device: triton on a CPU, no interpreter
+        monkeypatch.setattr(_backend, "interpreting", lambda: False)
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with fastlayers.use_backend("triton"):
+            assert main(["--device", "cpu", "--quick"]) == 2
+        assert capsys.readouterr().err.startswith(
+            "error: fastlayers: FASTLAYERS_BACKEND=triton on a CPU tensor needs TRITON_INTERPRET=1")
+
+
+def test_every_check_of_the_tour_can_fail(monkeypatch):
+    """FASTLAYERS_TOUR_FAIL=all perturbs every result: each check must then FAIL (a check
+    that stays ok could not catch a wrong answer)."""
+    monkeypatch.setenv(tour.FAIL_ENV, "all")
+    out = io.StringIO()
+    assert tour.main("auto", quick=True, out=out) == 1
+    lines = out.getvalue().splitlines()
+    checks = [line for line in lines if line.startswith(("  ok ", "  FAIL "))]
+    assert checks and all(line.startswith("  FAIL ") for line in checks), \
+        [line for line in checks if line.startswith("  ok ")]
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed here")

@@ -239,7 +239,11 @@ def main(device: str = "auto", quick: bool = False, out=sys.stdout) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    tour = Tour(dev, quick, out, fail_section=settings.read(FAIL_ENV))
+    try:  # a backend that cannot run on that device (FASTLAYERS_BACKEND=triton on a CPU)
+        tour = Tour(dev, quick, out, fail_section=settings.read(FAIL_ENV))
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for line in header(dev, quick):
         tour.say(line)
     if tour.fail_section and tour.fail_section not in {k for k, _, _ in SECTIONS} | {"all"}:
