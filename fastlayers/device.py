@@ -7,6 +7,7 @@ another device raises an error naming both devices instead of computing anything
 """
 from collections.abc import Mapping, MutableMapping
 import copy
+import operator
 from typing import Any, List, Union
 
 import torch
@@ -34,9 +35,15 @@ def num_gpus() -> int:
 
 
 def try_gpu(i: int = 0) -> torch.device:
-    """``cuda:i`` if that GPU exists, else the CPU."""
-    if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+    """``cuda:i`` if that GPU exists, else the CPU. i: an integer >= 0 (a Python, NumPy or
+    0-d tensor integer, as the seed's ``device_count() >= i + 1`` takes)."""
+    try:
+        index = None if isinstance(i, bool) else operator.index(i)
+    except TypeError:
+        index = None
+    if index is None or index < 0:
         raise ValueError(f"try_gpu: i must be a GPU index >= 0, got {i!r}")
+    i = index
     return gpu(i) if num_gpus() >= i + 1 else cpu()
 
 

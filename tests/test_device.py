@@ -34,8 +34,19 @@ def test_try_gpu_and_try_all_gpus(monkeypatch, n):
     assert fastlayers.device.num_gpus() == n
 
 
+@pytest.mark.parametrize("n", [0, 2])
+def test_try_gpu_takes_any_integer_the_seed_takes(monkeypatch, n):
+    """NumPy and 0-d tensor integers, as the seed's ``device_count() >= i + 1`` takes them."""
+    import numpy as np
+    _fake_gpus(monkeypatch, n)
+    for i in (np.int64(1), np.int32(0), torch.tensor(1), torch.tensor(3, dtype=torch.int8)):
+        assert try_gpu(i) == _seed.try_gpu(i) == try_gpu(int(i))
+
+
 def test_try_gpu_rejects_bad_indices():
-    for bad in (-1, 1.0, "0", True):
+    import numpy as np
+    for bad in (-1, 1.0, "0", True, np.float64(0), torch.tensor(0.5), torch.tensor([0.0]),
+                np.int64(-2), None):
         with pytest.raises(ValueError, match="try_gpu: i must be a GPU index >= 0"):
             try_gpu(bad)
 
