@@ -52,6 +52,12 @@ def test_my_sequential_container():
     assert list(seq._modules) == ["0", "1", "2"] and len(seq) == 3
     assert list(seq) == [a, b, c] and seq[0] is a and seq[-1] is c
     assert isinstance(seq[1:], fastlayers.MySequential) and list(seq[1:]) == [b, c]
+    # a slice keeps its children's keys, as nn.Sequential's does (its state_dict loads there)
+    plain = nn.Sequential(a, b, c)
+    for part in (slice(1, None), slice(2, 3), slice(None, None, -1), slice(0, 3, 2)):
+        assert list(seq[part].state_dict()) == list(plain[part].state_dict())
+        assert list(seq[part]._modules) == list(plain[part]._modules)
+    assert torch.equal(seq[2:](torch.randn(4, 8)).detach() * 0, torch.zeros(4, 3))
     assert list(seq.state_dict()) == list(seed.state_dict()) == \
         ["0.weight", "0.bias", "2.weight", "2.bias"]
     x = torch.randn(4, 20)

@@ -137,7 +137,8 @@ class NestMLP(nn.Module):
 class MySequential(nn.Module):
     """The seed's MySequential: children stored in ``_modules`` under "0", "1", ... and
     called in order. Also supports ``len``, iteration and indexing (an int, negative
-    too, gives the child; a slice gives a MySequential of those children)."""
+    too, gives the child; a slice gives a MySequential of those children, under their
+    keys, as ``nn.Sequential`` does)."""
 
     def __init__(self, *args: nn.Module):
         super().__init__()
@@ -159,9 +160,11 @@ class MySequential(nn.Module):
         return iter(self._modules.values())
 
     def __getitem__(self, idx):
+        if isinstance(idx, slice):  # children keep their keys, as in nn.Sequential
+            part = MySequential()
+            part._modules.update(list(self._modules.items())[idx])
+            return part
         modules = list(self._modules.values())
-        if isinstance(idx, slice):
-            return MySequential(*modules[idx])
         if not -len(modules) <= idx < len(modules):
             raise IndexError(f"MySequential: index {idx} is out of range for "
                              f"{len(modules)} modules")
