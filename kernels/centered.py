@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import cdiv, device_guard, interpreting, next_pow2, sm_count
+from .runtime import cdiv, device_guard, interpreting, next_pow2, sm_count, to_dtype
 
 PATHS = ("persistent", "split", "segments")
 
@@ -55,8 +55,8 @@ def _center_segments_kernel(
 ):
     pid = tl.program_id(0)
     n_i = tl.cdiv(I, BLOCK_I)
-    ra = ((pid // n_i) * BLOCK_A + tl.arange(0, BLOCK_A)).to(tl.int64)[:, None, None]
-    ri = ((pid % n_i) * BLOCK_I + tl.arange(0, BLOCK_I)).to(tl.int64)[None, None, :]
+    ra = ((pid // n_i).to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A))[:, None, None]
+    ri = ((pid % n_i).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I))[None, None, :]
     rc = tl.arange(0, BLOCK_C).to(tl.int64)[None, :, None]
     seg_ok = (ra < A) & (ri < I)
     x_seg = x_ptr + ra * sxa + ri * sxi
@@ -65,7 +65,7 @@ def _center_segments_kernel(
         ok = seg_ok & (rc < C)
         x = tl.load(x_seg + rc * sxc, mask=ok, other=0.0).to(tl.float32)
         mean = tl.sum(x, axis=1) / C
-        tl.store(y_seg + rc * syc, (x - mean[:, None, :]).to(y_ptr.dtype.element_ty), mask=ok)
+        tl.store(y_seg + rc * syc, to_dtype(x - mean[:, None, :], y_ptr.dtype.element_ty), mask=ok)
     else:  # sweep 1 sums, sweep 2 subtracts
         acc = tl.zeros((BLOCK_A, BLOCK_C, BLOCK_I), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
@@ -76,7 +76,7 @@ def _center_segments_kernel(
             c = rc + c0
             ok = seg_ok & (c < C)
             x = tl.load(x_seg + c * sxc, mask=ok, other=0.0).to(tl.float32)
-            tl.store(y_seg + c * syc, (x - mean).to(y_ptr.dtype.element_ty), mask=ok)
+            tl.store(y_seg + c * syc, to_dtype(x - mean, y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -110,7 +110,7 @@ def _split_subtract_kernel(x_ptr, y_ptr, part_ptr, C, sxa, sxc, sya, syc, CHUNK,
         c = start + (CHUNK - BLOCK - c0) + offs  # backwards: last-read tiles first
         ok = c < C
         x = tl.load(x_seg + c * sxc, mask=ok, other=0.0).to(tl.float32)
-        tl.store(y_seg + c * syc, (x - mean).to(y_ptr.dtype.element_ty), mask=ok)
+        tl.store(y_seg + c * syc, to_dtype(x - mean, y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -157,8 +157,8 @@ def _center_persistent_kernel(x_ptr, y_ptr, part_ptr, bar_ptr, N, TILES,
         o = (pid + (TILES - k) * num_programs).to(tl.int64) * BLOCK + offs
         ok = o < N
         x = tl.load(x_ptr + o, mask=ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + o, (x - mean).to(y_ptr.dtype.element_ty), mask=ok)
-    tl.store(y_ptr + first, (keep - mean).to(y_ptr.dtype.element_ty), mask=first < N)
+        tl.store(y_ptr + o, to_dtype(x - mean, y_ptr.dtype.element_ty), mask=ok)
+    tl.store(y_ptr + first, to_dtype(keep - mean, y_ptr.dtype.element_ty), mask=first < N)
 
 
 # ----------------------------------------------------------------------------- launchers

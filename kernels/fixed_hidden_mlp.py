@@ -66,8 +66,8 @@ def _fixed_hidden_mlp_fwd_kernel(
     the threshold in x's dtype, its fp32 bits, the rule's window D) and writes k and the
     halved y (or, without WRITE_Y, the sum of the halved y into y_ptr[0])."""
     pid = tl.program_id(0)
-    rm = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rd = tl.arange(0, DP)
+    rm = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # 64-bit: M may pass 2**31
+    rd = tl.arange(0, DP).to(tl.int64)  # and (d - 1) * a stride too
     m_ok = rm < M
     d_ok = rd < D
     dd_ok = d_ok[:, None] & d_ok[None, :]

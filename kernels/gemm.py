@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import gemm_tma
 from .runtime import (autotuning, cdiv, device_guard, dot_precision, interpreting, next_pow2,
-                      sm_count, tma_enabled)
+                      sm_count, tma_enabled, to_dtype)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Pruned per call by shared memory
 # use, so the fp32 and 16-bit cases each keep the ones that fit on a Hopper SM.
@@ -162,8 +162,8 @@ def _fused_gemm_kernel(
     k_lo = (pid_k * K_PER_SPLIT).to(tl.int64)
     k_len = tl.minimum(K - pid_k * K_PER_SPLIT, K_PER_SPLIT)
 
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # 64-bit before any product
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
@@ -171,6 +171,7 @@ def _fused_gemm_kernel(
     b_ptrs = b_ptr + (k_lo + rk[:, None]) * stride_bk + rn[None, :] * stride_bn
     g_ptrs = gate_ptr + rm[:, None] * stride_gm + (k_lo + rk[None, :]) * stride_gk
 
+    k_step = tl.full([], BLOCK_K, tl.int64)  # pointer steps: BLOCK_K * stride passes 2**31
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     rsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k in range(0, tl.cdiv(k_len, BLOCK_K)):
@@ -186,12 +187,12 @@ def _fused_gemm_kernel(
             if UPCAST:
                 g = g.to(tl.float32)
             a = tl.where(g <= 0, tl.zeros_like(a), a)  # torch's threshold_backward
-            g_ptrs += BLOCK_K * stride_gk
+            g_ptrs += k_step * stride_gk
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if ROWSUM:
             rsum += tl.sum(a.to(tl.float32), axis=1)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        a_ptrs += k_step * stride_ak
+        b_ptrs += k_step * stride_bk
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
@@ -201,11 +202,11 @@ def _fused_gemm_kernel(
     if RELU:
         acc = tl.where(acc < 0, 0.0, acc)  # keeps NaN, like torch.relu
     c_ptrs = c_ptr + pid_k.to(tl.int64) * stride_cs + rm[:, None] * stride_cm + rn[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(c_ptrs, to_dtype(acc, c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
     if ROWSUM:
         if pid_n == 0:
             tl.store(rowsum_ptr + pid_k.to(tl.int64) * stride_rs + rm,
-                     rsum.to(rowsum_ptr.dtype.element_ty), mask=m_ok)
+                     to_dtype(rsum, rowsum_ptr.dtype.element_ty), mask=m_ok)
 
 
 _KEY = ["M_BUCKET", "N", "K", "HAS_GATE", "HAS_BIAS", "RELU", "ROWSUM", "PRECISION", "UPCAST"]

@@ -15,12 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import cdiv
+from .runtime import cdiv, to_dtype
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # triton without host-side descriptors: only the pointer kernel
     TensorDescriptor = None
+
+
+_MAX_DIM = 2**31 - 2**10  # so that tile offsets (i32) never pass 2**31
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -40,7 +43,8 @@ def eligible(a, b, gate) -> bool:
         return False
     if gate is not None and (gate.stride(1) == 1) != (a.stride(1) == 1):
         return False
-    return min(a.shape) > 0 and b.shape[1] > 0
+    # descriptor loads take 32-bit tile offsets
+    return min(a.shape) > 0 and b.shape[1] > 0 and max(*a.shape, *b.shape) <= _MAX_DIM
 
 
 def descriptor(t, k_major_dim: int, block_rows: int, block_k: int):
@@ -136,11 +140,11 @@ def _fused_gemm_tma_kernel(
         if RELU:
             acc = tl.where(acc < 0, 0.0, acc)
         c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(c_ptrs, to_dtype(acc, c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
         if ROWSUM:  # only pid_n == 0 stores: a mask, as an `if` in this flattened loop
             # breaks triton 3.6's TritonGPUFuseNestedLoops pass (and `m_ok & (pid_n == 0)`
             # gives a mask the 3.9 interpreter rejects)
-            tl.store(rowsum_ptr + rm, rsum.to(rowsum_ptr.dtype.element_ty),
+            tl.store(rowsum_ptr + rm, to_dtype(rsum, rowsum_ptr.dtype.element_ty),
                      mask=rm < tl.where(pid_n == 0, M, 0))
 
 

@@ -221,8 +221,8 @@ def _halved_total(bits_ptr, n, k, FMT: tl.constexpr, SIGNED: tl.constexpr,
                   BLOCK: tl.constexpr):
     """fp32 sum of the n elements at ``bits_ptr`` halved k times: of x (SIGNED) or |x|."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for st in range(0, n, BLOCK):
-        offs = st + tl.arange(0, BLOCK).to(tl.int64)
+    for blk in range(0, n // BLOCK + 1):  # (not range(0, n, BLOCK): i32 st + BLOCK wraps)
+        offs = tl.arange(0, BLOCK).to(tl.int64) + blk * BLOCK  # blk * BLOCK <= n
         u = _load_bits(bits_ptr, offs, offs < n, FMT)
         if not SIGNED:
             u = _magnitude_bits(u, FMT)

@@ -20,6 +20,22 @@ def _interpret_switch() -> bool:
 _INTERPRETING = _interpret_switch()
 
 
+INTERPRETED = tl.constexpr(_INTERPRETING)  # in a kernel: a branch only the interpreter takes
+
+
+@triton.jit
+def to_dtype(v, dtype: tl.constexpr):
+    """fp32 ``v`` converted to ``dtype`` rounded to nearest even, as the GPU converts.
+    Triton's CPU interpreter truncates fp32 -> bf16 (and flushes bf16 subnormals), so there
+    the fp32 bits are rounded to the upper half first, which then is the bf16 value."""
+    if INTERPRETED:
+        if dtype == tl.bfloat16:
+            b = v.to(tl.int32, bitcast=True)
+            r = tl.where(v != v, 0x7FC0, (b + 0x7FFF + ((b >> 16) & 1)) >> 16)
+            return r.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return v.to(dtype)
+
+
 def interpreting() -> bool:
     """True when this package's kernels run in Triton's CPU interpreter
     (``TRITON_INTERPRET=1`` when they were defined)."""
