@@ -113,12 +113,17 @@ def _torch_only_context() -> bool:
             or _fwd_ad._current_level >= 0)
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """True when the op for tensor ``t`` should run the Triton kernel (the one rule)."""
+def use_triton(t: torch.Tensor, *others) -> bool:
+    """True when the op for tensor ``t`` should run the Triton kernel (the one rule).
+    others: the op's other tensor inputs (None allowed); the kernels take only dense
+    (strided, not nested) tensors, so a sparse or nested one sends the op to torch's ops."""
     backend = get_backend()
     if backend == "auto" and not t.is_cuda:
         return False  # _device_choice's answer, without its cost (the CPU default first)
     if t.dtype not in KERNEL_DTYPES:
+        return False
+    if not torch.compiler.is_compiling() and not all(  # (Dynamo: dense fake tensors)
+            o is None or (o.layout is torch.strided and not o.is_nested) for o in (t, *others)):
         return False
     path, reason = _device_choice(t.device.type, backend)
     if path == "error":

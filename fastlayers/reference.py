@@ -64,7 +64,12 @@ def linear_relu_bwd_params(grad_out, out, x):
 # ---------------------------------------------------------------- fixed-hidden matmul, MLP
 # (halve_until's torch path emulates the seed's loop bit by bit: fastlayers/ops/halve_until.py)
 def fixed_hidden(x, weight, c=1.0):
-    """relu(x @ weight + c) for x [M, K] and a frozen weight [K, N] (the seed's layout)."""
+    """relu(x @ weight + c) for x [M, K] and a frozen weight [K, N] (the seed's layout).
+    16-bit x: the product and ``+ c`` in fp32, rounded once to x's dtype (the seed's
+    ``relu(mm(X, W) + 1)`` rounds the product first, then the sum: one ulp apart at times)."""
+    dtype = x.dtype
+    if dtype is _F16 or dtype is _BF16:
+        return torch.relu(torch.matmul(x.float(), weight.float()) + c).to(dtype)
     y = torch.matmul(x, weight)
     return _relu(y.add_(c) if _in_place_ok(y) else y + c)
 

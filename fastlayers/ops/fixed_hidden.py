@@ -77,7 +77,7 @@ def fixed_hidden(x: Tensor, weight: Tensor, c: float) -> Tensor:
     """relu(x @ weight + c) for validated x [..., K]: THE place its path is chosen. torch
     path: torch's ops and autograd; kernel path: leading dims flattened (``reshape``),
     through :class:`FixedHiddenFunction` when x needs a gradient, else the forward alone."""
-    if not use_triton(x):
+    if not use_triton(x, weight):
         return reference.fixed_hidden(x, weight, c)
     fp32_mode = fp32_matmul_mode()
     lead = x.shape[:-1]

@@ -133,7 +133,7 @@ def fixed_hidden_mlp(x: Tensor, weight: Tensor, bias: Optional[Tensor], rand_wei
     """(out, k) for validated inputs: THE place its path is chosen. torch path: the
     reference body and ``halve_until`` with torch's autograd; kernel path: leading dims
     flattened, through :class:`FixedHiddenMLPFunction` when a gradient is needed."""
-    if not use_triton(x):
+    if not use_triton(x, weight, bias, rand_weight):
         y, _ = reference.fixed_hidden_mlp_body(x, weight, bias, rand_weight, c)
         y, k = _halve.halve_until(y, threshold)
         return (y.sum() if reduce_sum else y), k

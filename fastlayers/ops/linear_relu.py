@@ -116,7 +116,7 @@ def linear_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     leading dims flattened to M rows (``reshape``, so any strides), through
     :class:`LinearReLUFunction` when a gradient is needed, else the forward op alone.
     """
-    if not use_triton(x) or onnx_export.exporting():
+    if not use_triton(x, weight, bias) or onnx_export.exporting():
         return reference.linear_relu(x, weight, bias)
     fp32_mode = fp32_matmul_mode()
     lead = x.shape[:-1]
