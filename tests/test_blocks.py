@@ -219,6 +219,28 @@ def test_seed_state_dict_loads_strictly_and_rand_weight_story():
         ours.load_state_dict({**seed.state_dict(), "rand_weight": torch.rand(3, 3)})
 
 
+def test_from_seed_returns_what_the_seed_returns(backend):
+    """The book's module (LazyLinear, returns X.sum()) and the eager copy with either
+    reduce: the copy's output is the seed's (bitwise on the torch path)."""
+    from fastlayers.tour.seed import FixedHiddenMLP as BookFixedHiddenMLP
+    torch.manual_seed(1)
+    book = BookFixedHiddenMLP()
+    x = torch.randn(6, 20)
+    book(x)  # materialise its LazyLinear
+    seeds = [book, SeedFixedHiddenMLP(reduce="sum"), SeedFixedHiddenMLP()]
+    for seed, reduce in zip(seeds, ["sum", "sum", None]):
+        copy = fastlayers.FixedHiddenMLP.from_seed(seed).to(backend)
+        assert copy.reduce == reduce
+        with torch.no_grad():
+            want, got = seed(x), copy(x.to(backend)).cpu()
+        assert got.shape == want.shape
+        if backend == "cpu" and fastlayers.get_backend() == "torch":
+            assert torch.equal(got, want)
+        else:
+            assert_close_to_ref(got, want.double(), torch.float32, tol=20 * REL_TOL[torch.float32])
+    assert fastlayers.FixedHiddenMLP.from_seed(book, reduce=None).reduce is None
+
+
 def test_to_moves_the_buffer_and_dtype():
     mlp = fastlayers.FixedHiddenMLP(reduce="sum").to(torch.float64)
     assert mlp.rand_weight.dtype == torch.float64 and mlp.linear.weight.dtype == torch.float64

@@ -89,9 +89,13 @@ class FixedHiddenMLP(nn.Module):
                                 self.c, self.threshold, self.reduce, return_count=True)
 
     @classmethod
-    def from_seed(cls, seed: nn.Module, reduce=None) -> "FixedHiddenMLP":
+    def from_seed(cls, seed: nn.Module, reduce="seed's") -> "FixedHiddenMLP":
         """A FixedHiddenMLP holding copies of a seed module's ``linear`` and ``rand_weight``
-        (on the seed's device and dtype)."""
+        (on the seed's device and dtype) that returns what the seed returns. reduce: by
+        default the seed's own (its ``reduce`` attribute; the book's module, which has none,
+        returns ``X.sum()``: 'sum'), or None / 'sum'."""
+        if reduce == "seed's":
+            reduce = getattr(seed, "reduce", "sum")
         w = seed.linear.weight
         module = cls(w.shape[0], reduce=reduce, device=w.device, dtype=w.dtype)
         state = dict(seed.state_dict())
