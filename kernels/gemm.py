@@ -44,6 +44,7 @@ _SMEM_BYTES = 220 * 1024
 # shapes small while still exercising partial tiles and several programs per axis.
 INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
 TMA_MIN_OUTPUTS = 1 << 16
+MAX_DIM = 2**30  # rows or columns of C per launch (the kernel's tile starts are int32)
 
 
 def heuristic_config(M: int, N: int, K: int, elsize: int) -> dict:
@@ -162,8 +163,10 @@ def _fused_gemm_kernel(
     k_lo = (pid_k * K_PER_SPLIT).to(tl.int64)
     k_len = tl.minimum(K - pid_k * K_PER_SPLIT, K_PER_SPLIT)
 
-    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # 64-bit before any product
-    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Tile starts in int32 (fused_gemm launches at most MAX_DIM rows and columns at once),
+    # widened before they meet a stride.
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
@@ -308,6 +311,10 @@ def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=Fa
     if M == 0 or N == 0 or K == 0:
         _degenerate(a, gate, c, rs, bias, scalar, relu)
         return (c, rs) if rowsum else c
+    if M > MAX_DIM or N > MAX_DIM:
+        _in_slices(a, b, gate, bias, c, rs, scalar=scalar, relu=relu, fp32_mode=fp32_mode,
+                   path=path, config=config, split_k=split_k)
+        return (c, rs) if rowsum else c
     if path == "tma" and not gemm_tma.eligible(a, b, gate):
         raise ValueError("fused_gemm: path='tma' needs 16-byte aligned operands with a "
                          "unit-stride dim (see kernels.gemm_tma.eligible)")
@@ -329,6 +336,23 @@ def fused_gemm(a, b, *, gate=None, bias=None, scalar=None, relu=False, rowsum=Fa
         else:
             _launch_pointer(plan, a, b, gate, bias, scalar, c, rs)
     return (c, rs) if rowsum else c
+
+
+def _in_slices(a, b, gate, bias, c, rs, **options):
+    """:func:`fused_gemm` into c (and rs) one [MAX_DIM, MAX_DIM] block of C at a time (views
+    of the operands, no copies): C's rows and columns are independent, and the kernel's
+    int32 tile starts stay below 2**31."""
+    M, N = c.shape
+    for i in range(0, M, MAX_DIM):
+        rows = slice(i, i + MAX_DIM)
+        for j in range(0, N, MAX_DIM):
+            cols = slice(j, j + MAX_DIM)
+            part = fused_gemm(a[rows], b[:, cols], gate=None if gate is None else gate[rows],
+                              bias=None if bias is None else bias[cols],
+                              rowsum=rs is not None and j == 0, **options)
+            if rs is not None and j == 0:
+                part, rs[rows] = part
+            c[rows, cols] = part
 
 
 def _launch_pointer(plan, a, b, gate, bias, scalar, c, rs):

@@ -11,7 +11,7 @@ import torch
 import fastlayers
 from fastlayers import functional as F
 
-from _util import REL_TOL, assert_close_to_ref
+from _util import REL_TOL, assert_close_to_ref, counted_launches
 from conftest import HAS_CUDA, requires_triton
 
 
@@ -59,6 +59,35 @@ def test_gemm_steps_along_k_in_64_bit(backend):
     assert_close_to_ref(y, y64)
     assert_close_to_ref(w.grad, w64.grad, tol=4 * REL_TOL[torch.float16])
     assert_close_to_ref(b.grad, b64.grad, tol=4 * REL_TOL[torch.float16])
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemm_launches_past_max_dim_in_slices(monkeypatch, dtype):
+    """C's rows and columns past kernels.gemm.MAX_DIM (2**30: the kernel's tile starts are
+    int32) go in slices: forward and both gradients (gate, bias, the bias gradient's row
+    sums) bitwise the same as one launch, with MAX_DIM lowered to 20."""
+    from fastlayers.kernels import gemm
+    device = "cuda" if HAS_CUDA else "cpu"
+    x = torch.randn(45, 33, dtype=torch.float64).to(device, dtype)
+    w = torch.randn(50, 33, dtype=torch.float64).to(device, dtype)
+    b = torch.randn(50, dtype=torch.float64).to(device, dtype)
+    g = torch.randn(45, 50, dtype=torch.float64).to(device, dtype)
+
+    def run():
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        with fastlayers.use_backend("triton"), counted_launches() as launches:
+            y = F.linear_relu(xs, ws, bs)
+            y.backward(g)
+        return (y.detach(), xs.grad, ws.grad, bs.grad), len(launches)
+    whole, n_whole = run()
+    monkeypatch.setattr(gemm, "MAX_DIM", 20)
+    sliced, n_sliced = run()
+    # blocks of 20: forward [45, 50] 3 x 3, input gradient [45, 33] 3 x 2, weight gradient
+    # [50, 33] 3 x 2
+    assert (n_whole, n_sliced) == (3, 9 + 6 + 6)
+    for name, one, many in zip(("y", "dx", "dw", "db"), whole, sliced):
+        assert torch.equal(one, many), name
 
 
 def test_fixed_hidden_mlp_reads_a_feature_major_batch(backend):

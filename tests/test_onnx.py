@@ -10,6 +10,8 @@ import fastlayers
 from fastlayers import onnx_export
 from fastlayers.tour import seed as _seed
 
+from conftest import KERNEL_DEVICE, requires_triton
+
 onnx = pytest.importorskip("onnx", reason="ONNX export tests need onnx (pip install onnx)")
 ort = pytest.importorskip("onnxruntime", reason="ONNX export tests run the model in onnxruntime")
 pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript")
@@ -152,6 +154,19 @@ def test_each_module_alone_has_the_expected_ops(tmp_path, name, backend):
     factory, shape, must_have = MODULES[name]
     model = export(factory().eval().to(backend), [torch.randn(*shape, device=backend)],
                    tmp_path / "m.onnx", False)
+    ops, domains = _op_types(model)
+    assert domains <= STANDARD_DOMAINS and must_have <= ops, (ops, domains)
+
+
+@requires_triton
+@pytest.mark.parametrize("name", ["LinearReLU", "CenteredLayer"])
+def test_dynamo_export_from_the_kernel_path_has_standard_ops(tmp_path, name):
+    """The dynamo exporter traces the kernel path as eager would take it: the export check
+    in ops/<op>.py must give torch's ops there (not the custom op)."""
+    factory, shape, must_have = MODULES[name]
+    with fastlayers.use_backend("triton"):
+        model = export(factory().eval().to(KERNEL_DEVICE), [torch.randn(*shape).to(KERNEL_DEVICE)],
+                       tmp_path / "m.onnx", True)
     ops, domains = _op_types(model)
     assert domains <= STANDARD_DOMAINS and must_have <= ops, (ops, domains)
 
