@@ -17,6 +17,11 @@ from bench.harness import (ON_GPU, ROUND_S, ROUNDS, copies_for, dtype_name,
                            measure_copy_bandwidth, measure_gemm_rate, time_per_call)
 from fastlayers._backend import fp32_matmul_mode
 
+if ON_GPU and fastlayers.backend_info()["devices"]["cuda"]["path"] != "triton":
+    raise RuntimeError(  # fastlayers' figures would be torch's (e.g. a checkout without
+        # fastlayers.kernels first on sys.path: run from an install, or --import-mode=append)
+        f"benchmarks on a GPU, but CUDA tensors take fastlayers' torch path: "
+        f"{fastlayers.backend_info()['devices']['cuda']} (fastlayers from {fastlayers.__file__})")
 torch._dynamo.config.cache_size_limit = 64  # one compiled baseline per shape and dtype
 GEMM_DTYPES = (torch.bfloat16, torch.float16, torch.float32) if ON_GPU else \
     (torch.bfloat16, torch.float32)  # CPU fp16 GEMMs are slow and no CPU case uses them
