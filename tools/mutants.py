@@ -412,26 +412,11 @@ MUTANTS = [
       "if module.bias is not None:", "bias='keep' overwritten"),
     M("init-mylinear-layout", INIT, "weight.copy_(out_in.t())", "weight.copy_(out_in.reshape(weight.shape))",
       "MyLinear filled in the wrong layout"),
-    # ---------------------------------------------------------------- 64-bit offsets, rounding, layouts
-    M("gemm-k-step-int32", G, "        b_ptrs += k_step * stride_bk\n", "        b_ptrs += BLOCK_K * stride_bk\n",
-      "K steps of B in int32 (BLOCK_K * stride wraps past 2**31)",
-      tests=[T + "test_far_offsets.py::test_gemm_steps_along_k_in_64_bit"]),
-    M("gemm-no-slices", G, "    if M > MAX_DIM or N > MAX_DIM:\n", "    if False:\n",
-      "C past MAX_DIM rows or columns in one launch",
-      tests=[T + "test_far_offsets.py::test_gemm_launches_past_max_dim_in_slices"]),
-    M("fhm-cols-int32", FM, "    rd = tl.arange(0, DP).to(tl.int64)", "    rd = tl.arange(0, DP)",
-      "(d - 1) * a stride in int32", tests=[T + "test_far_offsets.py"]),
-    M("ce-segments-int32", C, "ra = ((pid // n_i).to(tl.int64) * BLOCK_A", "ra = ((pid // n_i) * BLOCK_A",
-      "segment index * BLOCK_A in int32", tests=[T + "test_far_offsets.py"]),
-    M("rt-bf16-truncates", "kernels/runtime.py", "    if INTERPRETED:\n", "    if False:\n",
-      "16-bit stores left to the interpreter's truncating fp32 -> bf16",
-      tests=[T + "test_rounding.py"]),
-    M("ref-fh-rounds-twice", REF, "    if dtype is _F16 or dtype is _BF16:\n        return torch.relu(torch.matmul(",
-      "    if False:\n        return torch.relu(torch.matmul(",
-      "16-bit fixed_hidden on the torch path rounds the product, then the sum",
-      tests=[T + "test_rounding.py"]),
-    M("bk-dense-only", "fastlayers/_backend.py", "o is None or (o.layout is torch.strided and not o.is_nested)",
-      "True", "sparse and nested tensors sent to the kernels", tests=[T + "test_rounding.py"]),
     M("init-lazy-skip", INIT, "if is_linear_like(m) and not _uninitialised(m) else None)",
       "if is_linear_like(m) else None)", "uninitialised lazy layers initialised"),
 ]
+
+# 64-bit offsets, rounding once, dense-only kernels, and the paths the audits found untested
+from mutants_numerics import numerics  # noqa: E402  (after M and the file names it takes)
+
+MUTANTS += numerics(M, T, G=G, C=C, FM=FM, REF=REF, OLR=OLR, OFM=OFM)
