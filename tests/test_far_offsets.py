@@ -66,7 +66,8 @@ def test_gemm_steps_along_k_in_64_bit(backend):
 def test_gemm_launches_past_max_dim_in_slices(monkeypatch, dtype):
     """C's rows and columns past kernels.gemm.MAX_DIM (2**30: the kernel's tile starts are
     int32) go in slices: forward and both gradients (gate, bias, the bias gradient's row
-    sums) bitwise the same as one launch, with MAX_DIM lowered to 20."""
+    sums) as one launch gives them (bitwise under the interpreter's fixed tile; a GPU picks
+    tiles by shape), with MAX_DIM lowered to 20."""
     from fastlayers.kernels import gemm
     device = "cuda" if HAS_CUDA else "cpu"
     x = torch.randn(45, 33, dtype=torch.float64).to(device, dtype)
@@ -87,7 +88,10 @@ def test_gemm_launches_past_max_dim_in_slices(monkeypatch, dtype):
     # [50, 33] 3 x 2
     assert (n_whole, n_sliced) == (3, 9 + 6 + 6)
     for name, one, many in zip(("y", "dx", "dw", "db"), whole, sliced):
-        assert torch.equal(one, many), name
+        if HAS_CUDA:  # a GPU picks tiles and split-K by shape: another summation order
+            assert_close_to_ref(many, one.double(), dtype, what=name)
+        else:
+            assert torch.equal(one, many), name
 
 
 def test_fixed_hidden_mlp_reads_a_feature_major_batch(backend):
