@@ -115,16 +115,18 @@ def _torch_only_context() -> bool:
 
 def use_triton(t: torch.Tensor, *others) -> bool:
     """True when the op for tensor ``t`` should run the Triton kernel (the one rule).
-    others: the op's other tensor inputs (None allowed); the kernels take only dense
-    (strided, not nested) tensors, so a sparse or nested one sends the op to torch's ops."""
+    others: the op's other tensor inputs (None allowed); the kernels read only dense
+    (strided, not nested) tensors without a negative bit, so a sparse, nested or
+    negative-bit one sends the op to torch's ops."""
     backend = get_backend()
     if backend == "auto" and not t.is_cuda:
         return False  # _device_choice's answer, without its cost (the CPU default first)
     if t.dtype not in KERNEL_DTYPES:
         return False
     if not torch.compiler.is_compiling() and not all(  # (Dynamo: dense fake tensors)
-            o is None or (o.layout is torch.strided and not o.is_nested) for o in (t, *others)):
-        return False
+            o is None or (o.layout is torch.strided and not o.is_nested and not o.is_neg())
+            for o in (t, *others)):
+        return False  # (a negative-bit view's memory holds -x: torch's ops resolve it)
     path, reason = _device_choice(t.device.type, backend)
     if path == "error":
         raise RuntimeError(f"fastlayers: {reason} (tensor on {t.device})")

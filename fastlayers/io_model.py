@@ -5,6 +5,7 @@ the model has one, the same shape, a dtype of the same kind), then loads; a load
 for any reason (a check above, a missing or unexpected key in strict mode, an exception from
 torch or a module's load hook) puts every tensor it may have written back, bit for bit.
 """
+import copy
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -102,27 +103,73 @@ def _check_keys(saved: dict, own: dict, report: LoadReport) -> set:
             report.mismatched.append((key, tuple(t.shape), tuple(mine.shape)))
         elif _kind(t.dtype) != _kind(mine.dtype):
             report.wrong_type.append((key, f"a {t.dtype} tensor", f"a {mine.dtype} tensor"))
+        elif t.dtype != mine.dtype and _changed_by_cast(t, mine.dtype):
+            report.wrong_type.append((key, f"a {t.dtype} tensor with values {mine.dtype} "
+                                           f"cannot hold", f"a {mine.dtype} tensor"))
     return {m[0] for m in report.mismatched} | {w[0] for w in report.wrong_type}
+
+
+def _changed_by_cast(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether converting ``t`` to ``dtype`` (same kind) changes a value beyond rounding: an
+    integer that does not fit, or a finite float that becomes infinite."""
+    cast = t.to(dtype)
+    if dtype.is_floating_point or dtype.is_complex:
+        return bool((torch.isfinite(t) & ~torch.isfinite(cast)).any())
+    return not torch.equal(cast.to(t.dtype), t)
 
 
 _EXTRA = "_extra_state"  # torch's key suffix for a module's get_extra_state()
 
 
 def _backup(own: dict, keys) -> dict:
-    """What loading ``keys`` may overwrite: tensor copies, and modules' extra state (as
-    ``get_extra_state`` gave it for this state_dict)."""
-    return {k: t.detach().clone() if isinstance(t, torch.Tensor) else t
-            for k, t in own.items()
-            if k in keys and (k.endswith(_EXTRA) or isinstance(t, torch.Tensor) and not is_lazy(t))}
+    """What a load may change: a copy of every tensor (load hooks may write keys the file
+    lacks) and of the extra state of the modules the file has extra state for."""
+    backup = {}
+    for k, t in own.items():
+        if k.endswith(_EXTRA):
+            if k in keys:
+                try:
+                    backup[k] = copy.deepcopy(t)
+                except Exception:  # not copyable: keep the object itself
+                    backup[k] = t
+        elif isinstance(t, torch.Tensor) and not is_lazy(t):
+            backup[k] = t.detach().clone()
+    return backup
 
 
-def _restore(model: nn.Module, targets: dict, backup: dict) -> None:
+def _restore(model: nn.Module, own: dict, backup: dict):
+    """Put back what a load changed: each tensor's values, into the model's own tensor
+    (registered again where a load hook replaced it), and each module's extra state through
+    ``set_extra_state``. Every key is tried; returns the first error (None if none)."""
+    first = None
+    now = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for key, saved in backup.items():
-            if key.endswith(_EXTRA) and not isinstance(targets[key], torch.Tensor):
-                model.get_submodule(key[:-len(_EXTRA)].rstrip(".")).set_extra_state(saved)
-            else:
-                targets[key].copy_(saved)
+            try:
+                if key.endswith(_EXTRA):
+                    model.get_submodule(key[:-len(_EXTRA)].rstrip(".")).set_extra_state(saved)
+                    continue
+                original = own[key]
+                if now.get(key) is not original:  # a load hook put another tensor there
+                    owner, _, name = key.rpartition(".")
+                    module = model.get_submodule(owner)
+                    table = module._parameters if name in module._parameters else module._buffers
+                    table[name] = original
+                original.copy_(saved)
+            except Exception as exc:  # (a tensor torch cannot write: keep going)
+                first = first or exc
+    return first
+
+
+def _check_not_meta(own: dict, name: str) -> None:
+    meta = [k for k, t in own.items() if isinstance(t, torch.Tensor) and t.is_meta
+            and not is_lazy(t)]
+    if meta:
+        raise StateDictMismatchError(
+            f"{name} has tensors on the meta device ({meta[0]!r}"
+            f"{' and more' if len(meta) > 1 else ''}), "
+            f"which hold no data to load into; materialise it first "
+            f"(model.to_empty(device=...)) or use model.load_state_dict(..., assign=True)")
 
 
 def load_model(model: nn.Module, path, strict: bool = True, map_location=None, *,
@@ -140,21 +187,24 @@ def load_model(model: nn.Module, path, strict: bool = True, map_location=None, *
     Every key is checked before anything is copied: the file must hold a tensor where the
     model has one, of the same shape (any shape for an uninitialised lazy parameter) and a
     dtype of the same kind (bool, integer, floating or complex: torch converts within a
-    kind, e.g. float64 into a float32 model). Key checks are torch's own (load hooks, such
+    kind, e.g. float64 into a float32 model) whose values survive the conversion (no
+    integer out of range, no finite float turned infinite). A model with meta tensors is
+    refused (they hold no data). Key checks are torch's own (load hooks, such
     as a module accepting a file without one of its buffers, are honoured). If torch or a
     module's hook raises while loading, the tensors are put back and
     StateDictMismatchError (chained to that exception) is raised, in both modes. Costs
-    one copy of the tensors the file may overwrite while loading.
+    one copy of the model's tensors while loading.
     """
     from .io import load
     name = type(model).__name__
+    own = model.state_dict(keep_vars=True)
+    _check_not_meta(own, name)
     saved = load(path, _model_device(model) if map_location is None else map_location,
                  verify=verify)
     if not isinstance(saved, dict) or not all(isinstance(k, str) for k in saved):
         raise StateDictMismatchError(f"{os.fspath(path)} does not hold a state_dict "
                                      f"(got {type(saved).__name__}), so it cannot load into {name}")
     report = LoadReport(os.fspath(path), name)
-    own = model.state_dict(keep_vars=True)
     rejected = _check_keys(saved, own, report)
     fitting = OrderedDict((k, v) for k, v in saved.items() if k not in rejected)
     if hasattr(saved, "_metadata"):
@@ -163,12 +213,15 @@ def load_model(model: nn.Module, path, strict: bool = True, map_location=None, *
     try:
         result = model.load_state_dict(fitting, strict=False)
     except Exception as exc:
-        _restore(model, own, backup)
+        stuck = _restore(model, own, backup)
+        left = "the model was left as it was" if stuck is None else \
+            f"putting the model back failed too: {str(stuck).strip()}"
         raise StateDictMismatchError(f"cannot load {os.fspath(path)} into {name}: "
-                                     f"{str(exc).strip()} (the model was left as it was)") from exc
+                                     f"{str(exc).strip()} ({left})") from exc
     report.missing_keys = [k for k in result.missing_keys if k not in rejected]
     report.unexpected_keys = list(result.unexpected_keys)
     if strict and not report.ok:
-        _restore(model, own, backup)
-        raise StateDictMismatchError(str(report))
+        stuck = _restore(model, own, backup)
+        raise StateDictMismatchError(str(report) + ("" if stuck is None else
+                                     f" (putting the model back failed: {stuck})"))
     return report

@@ -68,8 +68,9 @@ def fixed_hidden(x, weight, c=1.0):
     16-bit x: the product and ``+ c`` in fp32, rounded once to x's dtype (the seed's
     ``relu(mm(X, W) + 1)`` rounds the product first, then the sum: one ulp apart at times)."""
     dtype = x.dtype
-    if dtype is _F16 or dtype is _BF16:
-        return torch.relu(torch.matmul(x.float(), weight.float()) + c).to(dtype)
+    if dtype is _F16 or dtype is _BF16:  # (autocast off: it would cast the fp32 product back)
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.relu(torch.matmul(x.float(), weight.float()) + c).to(dtype)
     y = torch.matmul(x, weight)
     return _relu(y.add_(c) if _in_place_ok(y) else y + c)
 

@@ -137,3 +137,40 @@ def test_sparse_and_nested_inputs_take_torchs_ops(backend):
     got = F.centered(nx, -1)
     for g, t in zip(got.unbind(), nx.unbind()):
         assert torch.allclose(g, t - t.mean(-1, keepdim=True))
+
+
+def test_negative_bit_inputs_give_the_values_they_hold(backend):
+    """A negative-bit view (``z.conj().imag``; a contiguous one from ``torch._neg_view``)
+    holds -x in memory: every op must read x, as torch's ops do, on both paths."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 8, dtype=torch.complex64).conj().imag.to(backend)
+    w, b, r = torch.randn(3, 8), torch.randn(3), torch.rand(8, 4)
+    ws, bs, rs = torch.randn(8, 8) * 0.3, torch.randn(8), torch.rand(8, 8)
+    w, b, r, ws, bs, rs = (t.to(backend) for t in (w, b, r, ws, bs, rs))
+    flat = torch._neg_view(torch.randn(64).to(backend) * 3)
+    assert x.is_neg() and flat.is_neg() and flat.is_contiguous()
+    xr, fr = x.resolve_neg(), flat.resolve_neg()
+    checks = [
+        (F.linear_relu(x, w, b), F.linear_relu(xr, w, b)),
+        (F.linear_relu(xr, torch._neg_view(w), b), F.linear_relu(xr, -w, b)),
+        (F.centered(x), F.centered(xr)), (F.centered(x, -1), F.centered(xr, -1)),
+        (F.centered(flat), F.centered(fr)),
+        (F.fixed_hidden(x, r), F.fixed_hidden(xr, r)),
+        (F.fixed_hidden_mlp(x, ws, bs, rs), F.fixed_hidden_mlp(xr, ws, bs, rs)),
+        (F.halve_until(flat, 1.0), F.halve_until(fr, 1.0)),
+        (torch.func.vmap(F.halve_until)(flat.view(8, 8)),  # the tensor-ops route
+         torch.func.vmap(F.halve_until)(fr.view(8, 8))),
+    ]
+    for i, (got, want) in enumerate(checks):  # a path of its own may round differently
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"check {i}")
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_fixed_hidden_under_autocast_rounds_once_too(backend, dtype):
+    """Under autocast the inputs are cast to its dtype, then the op runs as on inputs of
+    that dtype: one rounding (autocast must not cast the fp32 product back)."""
+    x, w = (grid(*shape, lo=-300, hi=301, device=backend, gen=i).to(dtype)
+            for i, shape in enumerate([(41, 20), (20, 23)]))
+    with torch.autocast(torch.device(backend).type, dtype=dtype):
+        got = F.fixed_hidden(x.float(), w.float(), 1.0)
+    assert_once_rounded(got.cpu(), torch.relu(x.double() @ w.double() + 1.0).cpu(), dtype)

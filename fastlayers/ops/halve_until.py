@@ -137,7 +137,7 @@ def halve_bits(x: Tensor, k: Tensor) -> Tensor:
     """
     P, emax, ints = _format(x.dtype)
     wide = torch.int64 if P > 23 else torch.int32
-    u = x.view(ints).to(wide)
+    u = x.resolve_neg().view(ints).to(wide)  # (a negative-bit view's memory holds -x)
     mag = u & ((1 << (torch.finfo(x.dtype).bits - 1)) - 1)
     sign = u ^ mag
     E = mag >> P
