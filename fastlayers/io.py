@@ -57,6 +57,16 @@ __all__ = ["save", "load", "save_model", "load_model", "LoadReport", "Fastlayers
            "SpecialFileError"]
 
 
+def _as_path(path, verb: str) -> str:
+    """``path`` as a str (bytes decoded as the file system does); a file object or a
+    descriptor is refused: save replaces a file by renaming, load checks it first."""
+    if isinstance(path, (str, bytes, os.PathLike)):
+        return os.fsdecode(os.fspath(path))
+    raise TypeError(f"fastlayers.io.{verb}: path must be a str, bytes or os.PathLike, got "
+                    f"{type(path).__name__} (a file object or descriptor cannot be replaced "
+                    f"atomically or checked first: use torch.{verb} for those)")
+
+
 def _is_safetensors(path) -> bool:
     return os.fspath(path).lower().endswith(".safetensors")
 
@@ -68,14 +78,15 @@ def save(obj: Any, path) -> None:
         (torch format); for ``.safetensors`` paths a tensor, a list/tuple of tensors or a
         flat dict of tensors with string keys (loaded back as the same container type;
         views are written as their own elements only).
-    path: str or PathLike; its directory must exist. An existing file is replaced only
-        once the new one is complete; a symbolic link is written through to its target;
-        the file keeps its mode (and owner where allowed).
+    path: str, bytes or PathLike (not a file object); its directory must exist. An
+        existing file is replaced only once the new one is complete; a symbolic link is
+        written through to its target; the file keeps its mode (and owner where allowed).
     Raises TypeError naming any entry that could not be loaded back safely
     (:class:`UnsupportedTensorError` for complex128, quantized, sparse or meta tensors into
     ``.safetensors``), IsADirectoryError / :class:`SpecialFileError` (a FIFO, device node or
     socket) / PermissionError / FileNotFoundError (missing directory) naming the path.
     """
+    path = _as_path(path, "save")
     if _is_safetensors(path):
         from safetensors.torch import save as st_save
         tensors, metadata = to_safetensors(obj)
@@ -165,12 +176,14 @@ def load(path, map_location=None, *, verify: bool = True):
         (default: the CPU).
     verify: check the checksums first (one read of what torch reads); False skips it for
         large files you trust to be intact.
-    Raises ValueError for a map_location string that names no device; else, each naming
+    Raises TypeError for a path that is not a str, bytes or PathLike, ValueError for a
+    map_location string that names no device; else, each naming
     the file, with the cause chained: :class:`FileAccessError` (as
     FileNotFoundError, PermissionError, IsADirectoryError, or :class:`SpecialFileError`),
     :class:`UnsafeFileError` (the file would run code), :class:`DeviceUnavailableError`, or
     :class:`CorruptFileError` (truncated, corrupted, edited or not a checkpoint).
     """
+    path = _as_path(path, "load")
     _check_map_location(map_location)
     _check_readable(path)
     if _is_safetensors(path):

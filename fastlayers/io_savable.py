@@ -17,8 +17,9 @@ _CONTAINERS = (list, tuple, dict, OrderedDict, set)
 
 def check_savable(obj, where: str = "obj", _seen=None) -> None:
     """Raise TypeError naming the first entry of ``obj`` that weights_only loading would
-    refuse. where: how the message names ``obj`` (entries are named from it). A container
-    that holds itself is walked once (pickle keeps such references, as torch.save does)."""
+    refuse, or that torch.save cannot store (two views of one memory as different dtypes).
+    where: how the message names ``obj`` (entries are named from it). A container that
+    holds itself is walked once (pickle keeps such references, as torch.save does)."""
     if isinstance(obj, torch.Tensor):
         if is_lazy(obj):
             raise TypeError(f"fastlayers.io.save: {where} is an uninitialised lazy parameter; "
@@ -32,14 +33,22 @@ def check_savable(obj, where: str = "obj", _seen=None) -> None:
                             f"of {obj.untyped_storage().nbytes()} bytes, not a whole number of "
                             f"its {obj.element_size()}-byte elements, which torch.load cannot "
                             f"read back; save a copy of it (.clone())")
+        if _seen is not None and obj.layout == torch.strided and not obj.is_meta \
+                and obj.untyped_storage().nbytes():
+            dtype, first = _seen.setdefault(("storage", obj.untyped_storage().data_ptr()),
+                                            (obj.dtype, where))
+            if dtype != obj.dtype:
+                raise TypeError(f"fastlayers.io.save: {where} ({obj.dtype}) and {first} "
+                                f"({dtype}) view the same memory as different dtypes, which "
+                                f"torch.save cannot store; save a copy of one (.clone())")
         return
     if type(obj) in _LEAVES:
         return
     if type(obj) in _CONTAINERS:
-        _seen = set() if _seen is None else _seen
-        if id(obj) in _seen:
+        _seen = {} if _seen is None else _seen  # containers walked; storages' first dtype
+        if ("container", id(obj)) in _seen:
             return
-        _seen.add(id(obj))
+        _seen[("container", id(obj))] = True
         items = obj.items() if isinstance(obj, dict) else enumerate(obj)
         for key, value in items:
             if isinstance(obj, dict):

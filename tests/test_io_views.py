@@ -52,3 +52,31 @@ def test_a_container_holding_itself_saves_like_torch(tmp_path):
     fio.save(data, tmp_path / "c.pt")
     back = fio.load(tmp_path / "c.pt")
     assert torch.equal(back[0], torch.ones(2)) and back[1] is back
+
+
+def test_two_dtype_views_of_one_memory_get_a_clear_error(tmp_path):
+    """torch.save cannot store them; the error names both entries (was torch's bare
+    RuntimeError). Distinct empty tensors of other dtypes are fine."""
+    a = torch.arange(4, dtype=torch.float32)
+    with pytest.raises(TypeError, match=r"obj\['i'\] \(torch.int32\) and obj\['f'\] "
+                                        r"\(torch.float32\) view the same memory"):
+        fio.save({"f": a, "i": a.view(torch.int32)}, tmp_path / "v.pt")
+    assert not list(tmp_path.iterdir())
+    fio.save({"f": a, "f2": a[1:], "e": torch.empty(0), "ei": torch.empty(0, dtype=torch.int64)},
+             tmp_path / "ok.pt")
+    back = fio.load(tmp_path / "ok.pt")
+    assert torch.equal(back["f2"], a[1:]) and back["ei"].dtype == torch.int64
+
+
+def test_paths_bytes_work_and_file_objects_are_refused_clearly(tmp_path):
+    import io as pyio
+    t = torch.randn(3)
+    for name in ("b.pt", "b.safetensors"):
+        path = bytes(tmp_path / name)
+        fio.save(t, path)
+        assert torch.equal(fio.load(path), t)
+    for bad in (pyio.BytesIO(), 3):
+        with pytest.raises(TypeError, match="path must be a str, bytes or os.PathLike"):
+            fio.save(t, bad)
+        with pytest.raises(TypeError, match="path must be a str, bytes or os.PathLike"):
+            fio.load(bad)

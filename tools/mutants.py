@@ -426,6 +426,11 @@ MUTANTS = [
     M("iom-cast-unchecked", IOM, "        elif t.dtype != mine.dtype and _changed_by_cast(t, mine.dtype):",
       "        elif False:", "values changed by a narrowing cast load silently",
       tests=[T + "test_io_rollback.py"]),
+    M("io-dtype-views-unchecked", IOV, "            if dtype != obj.dtype:\n", "            if False:\n",
+      "two dtype views of one memory left to torch.save's bare RuntimeError",
+      tests=[T + "test_io_views.py"]),
+    M("io-path-bytes", IO, "        return os.fsdecode(os.fspath(path))", "        return path",
+      "a bytes path reaches str-only code", tests=[T + "test_io_views.py"]),
     M("init-lazy-skip", INIT, "if is_linear_like(m) and not _uninitialised(m) else None)",
       "if is_linear_like(m) else None)", "uninitialised lazy layers initialised"),
 ]
