@@ -150,6 +150,8 @@ def _restore(model: nn.Module, own: dict, backup: dict):
                     model.get_submodule(key[:-len(_EXTRA)].rstrip(".")).set_extra_state(saved)
                     continue
                 original = own[key]
+                if now.get(key) is original and torch.equal(original, saved):
+                    continue  # untouched (and perhaps not writable: an inference tensor)
                 if now.get(key) is not original:  # a load hook put another tensor there
                     owner, _, name = key.rpartition(".")
                     module = model.get_submodule(owner)

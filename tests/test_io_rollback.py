@@ -20,6 +20,21 @@ def _same(model, before):
         assert torch.equal(now[k], v) if isinstance(v, torch.Tensor) else now[k] == v, k
 
 
+def test_putting_back_skips_tensors_the_load_left_unchanged(tmp_path):
+    """An inference tensor cannot be written (torch's load fails on it), but it still holds
+    its value: putting the model back leaves it alone, so the error says the model is as
+    it was rather than that putting it back failed."""
+    model = nn.Linear(2, 2)
+    with torch.inference_mode():
+        model.register_buffer("stat", torch.zeros(2))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["junk"] = torch.zeros(1)
+    io.save(state, tmp_path / "m.pt")
+    with pytest.raises(io.StateDictMismatchError) as info:
+        io.load_model(model, tmp_path / "m.pt")
+    assert str(info.value).endswith("(the model was left as it was)")
+
+
 def test_a_tensor_torch_cannot_write_fails_cleanly_and_puts_the_rest_back(tmp_path):
     def make():
         m = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
@@ -142,3 +157,30 @@ def test_conversions_that_change_values_are_reported(tmp_path, strict):
     io.save(fine, tmp_path / "fine.pt")
     assert io.load_model(model, tmp_path / "fine.pt").ok
     assert model.count.tolist() == [1, 100, -2] and model.w[1] == torch.tensor(0.1).half()
+
+
+class _HookTouchesAnInferenceBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        with torch.inference_mode():
+            self.register_buffer("stat", torch.zeros(2))  # first in the state_dict
+        self.lin = nn.Linear(2, 2)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        with torch.inference_mode():
+            self.stat.add_(1)  # a change nothing outside inference_mode can undo
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def test_putting_back_goes_on_past_a_tensor_it_cannot_write(tmp_path):
+    """The rest of the model is still put back, and the error says what could not be."""
+    src = _HookTouchesAnInferenceBuffer()
+    state = {k: v for k, v in src.state_dict().items() if k != "stat"}  # strict load fails
+    with torch.no_grad():
+        state = {k: v + 1 for k, v in state.items()}
+    io.save(state, tmp_path / "m.pt")
+    dst = _HookTouchesAnInferenceBuffer()
+    weight, bias = dst.lin.weight.detach().clone(), dst.lin.bias.detach().clone()
+    with pytest.raises(io.StateDictMismatchError, match="putting the model back failed"):
+        io.load_model(dst, tmp_path / "m.pt")
+    assert torch.equal(dst.lin.weight, weight) and torch.equal(dst.lin.bias, bias)
