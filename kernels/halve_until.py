@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import cdiv, device_guard, next_pow2
+from .runtime import cdiv, device_guard, next_pow2, round_bf16
 
 K_FOREVER = torch.iinfo(torch.int32).max  # "the loop never ends" (an input holds ±inf)
 FMT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -98,9 +98,7 @@ def _round_to(v, FMT: tl.constexpr):
     elif FMT == 1:
         return v.to(tl.float16).to(tl.float32)
     else:
-        b = v.to(tl.int32, bitcast=True)
-        r = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
-        return tl.where(v != v, v, r.to(tl.float32, bitcast=True))
+        return round_bf16(v)
 
 
 @triton.jit

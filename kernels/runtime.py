@@ -24,15 +24,23 @@ INTERPRETED = tl.constexpr(_INTERPRETING)  # in a kernel: a branch only the inte
 
 
 @triton.jit
+def round_bf16(v):
+    """fp32 ``v`` rounded to the nearest bf16 value (ties to even), kept in fp32: its low
+    16 bits are 0 (NaN stays as it is)."""
+    b = v.to(tl.int32, bitcast=True)
+    r = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+    return tl.where(v != v, v, r.to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def to_dtype(v, dtype: tl.constexpr):
     """fp32 ``v`` converted to ``dtype`` rounded to nearest even, as the GPU converts.
     Triton's CPU interpreter truncates fp32 -> bf16 (and flushes bf16 subnormals), so there
-    the fp32 bits are rounded to the upper half first, which then is the bf16 value."""
+    :func:`round_bf16`'s upper 16 bits are stored as the bf16 value (a NaN as 0x7FC0)."""
     if INTERPRETED:
         if dtype == tl.bfloat16:
-            b = v.to(tl.int32, bitcast=True)
-            r = tl.where(v != v, 0x7FC0, (b + 0x7FFF + ((b >> 16) & 1)) >> 16)
-            return r.to(tl.int16).to(tl.bfloat16, bitcast=True)
+            bits = round_bf16(v).to(tl.int32, bitcast=True) >> 16
+            return tl.where(v != v, 0x7FC0, bits).to(tl.int16).to(tl.bfloat16, bitcast=True)
     return v.to(dtype)
 
 

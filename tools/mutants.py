@@ -129,8 +129,9 @@ MUTANTS = [
     M("centered-mean-count", C, "mean = tl.sum(x, axis=1) / C", "mean = tl.sum(x, axis=1) / BLOCK_C",
       "mean divides by the tile width"),
     # ---------------------------------------------------------------- kernels/halve_until.py
-    M("halve-bf16-ties-away", H, "r = (b + 0x7FFF + ((b >> 16) & 1)) & -65536",
-      "r = (b + 0x8000) & -65536", "bf16 rounding of the sum ties-away instead of ties-to-even"),
+    M("halve-bf16-ties-away", "kernels/runtime.py", "r = (b + 0x7FFF + ((b >> 16) & 1)) & -65536",
+      "r = (b + 0x8000) & -65536", "bf16 rounding ties-away instead of ties-to-even",
+      tests=TESTS_FOR[H] + [T + "test_rounding.py"]),
     M("halve-nan-count", H, "    k = tl.where(s0 != s0, 0, k)\n    tl.store(k_ptr, k)",
       "    tl.store(k_ptr, k)", "count kernel: a NaN sum no longer stops at once"),
     M("halve-nan-count-block", H, "    return tl.where(s0 != s0, 0, k)", "    return k",
