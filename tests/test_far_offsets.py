@@ -16,12 +16,9 @@ from conftest import HAS_CUDA, requires_triton
 
 
 def _slice_of_wide(rows, cols, stride, dtype, device):
-    """[rows, cols] random values in the first columns of a [rows, stride] allocation."""
-    try:
-        wide = torch.empty(rows, stride, dtype=dtype, device=device)
-    except (RuntimeError, MemoryError) as exc:  # no address space for it on this machine
-        pytest.skip(f"cannot reserve {rows * stride * dtype.itemsize / 2**30:.1f} GiB: {exc}")
-    x = wide[:, :cols]
+    """[rows, cols] random values in the first columns of a [rows, stride] allocation
+    (address space: only the pages written are touched)."""
+    x = torch.empty(rows, stride, dtype=dtype, device=device)[:, :cols]
     x.copy_(torch.randn(rows, cols, dtype=torch.float64))
     return x
 
@@ -112,10 +109,7 @@ def test_centered_segment_index_is_64_bit(monkeypatch):
     Interpreter: that program alone, with its id shifted; a GPU: the whole launch."""
     from fastlayers.kernels import centered as K
     A = 2**31 + 64
-    try:
-        x = torch.empty(A, 1, dtype=torch.float16, device="cuda" if HAS_CUDA else "cpu")
-    except (RuntimeError, MemoryError) as exc:
-        pytest.skip(f"cannot reserve 4 GiB: {exc}")
+    x = torch.empty(A, 1, dtype=torch.float16, device="cuda" if HAS_CUDA else "cpu")
     x[-64:] = torch.arange(1, 65, dtype=torch.float16).view(64, 1)
     if HAS_CUDA:
         with fastlayers.use_backend("triton"):
