@@ -121,6 +121,9 @@ def test_sparse_and_nested_inputs_take_torchs_ops(backend):
     """The kernels take dense tensors only: a sparse or nested input gives what plain torch
     gives for it, on both paths (a layout torch refuses is refused with torch's error)."""
     x, w, b = torch.randn(4, 5), torch.randn(3, 5), torch.randn(3)
+    r = torch.rand(5, 5)
+    torch.testing.assert_close(F.fixed_hidden_mlp(x, r, None, r.to_sparse()),  # any operand
+                               F.fixed_hidden_mlp(x, r, None, r), rtol=1e-5, atol=1e-6)
     for sx in (x.to_sparse(), x.to_sparse_csr()):
         assert torch.equal(F.linear_relu(sx, w, b), torch.relu(torchF.linear(sx, w, b)))
         assert torch.equal(F.fixed_hidden(sx, w.T.contiguous()),
@@ -156,7 +159,10 @@ def test_negative_bit_inputs_give_the_values_they_hold(backend):
         (F.centered(x), F.centered(xr)), (F.centered(x, -1), F.centered(xr, -1)),
         (F.centered(flat), F.centered(fr)),
         (F.fixed_hidden(x, r), F.fixed_hidden(xr, r)),
+        (F.fixed_hidden(xr, torch._neg_view(r)), F.fixed_hidden(xr, -r)),
         (F.fixed_hidden_mlp(x, ws, bs, rs), F.fixed_hidden_mlp(xr, ws, bs, rs)),
+        (F.fixed_hidden_mlp(xr, torch._neg_view(ws), torch._neg_view(bs), torch._neg_view(rs)),
+         F.fixed_hidden_mlp(xr, -ws, -bs, -rs)),
         (F.halve_until(flat, 1.0), F.halve_until(fr, 1.0)),
         (torch.func.vmap(F.halve_until)(flat.view(8, 8)),  # the tensor-ops route
          torch.func.vmap(F.halve_until)(fr.view(8, 8))),
