@@ -42,8 +42,8 @@ def _train(model, X, Y):
     return history
 
 
-def _worker(rank, init_file, out_dir):
-    with gloo_group(rank, init_file):
+def _worker(rank, init_method, out_dir):
+    with gloo_group(rank, init_method):
         results = {}
         for backend in BACKENDS:
             with fastlayers.use_backend(backend):

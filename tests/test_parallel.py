@@ -49,11 +49,11 @@ def _run(model, x):
     return out.detach(), [gr.detach() for gr in grads]
 
 
-def _worker(rank, init_file, out_dir):
+def _worker(rank, init_method, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
-    with gloo_group(rank, init_file):
+    with gloo_group(rank, init_method):
         mesh = init_device_mesh("cpu", (WORLD,))
         results = {}
         for backend in BACKENDS:
