@@ -41,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 import mutants as catalogue
+from mutation_report import write_report
 
 BACKUP = ROOT / "tools" / ".mutate-backup"
 EQUIVALENT = {m["id"]: m["equivalent"] for m in catalogue.MUTANTS if m.get("equivalent")}
@@ -290,51 +291,6 @@ def run_tests(mutant, timeout: float, fork: bool):
     return "error", secs, f"pytest exit {code}: {last[0]}"
 
 
-def write_report(path: Path, results, started: str, args) -> None:
-    counts = {}
-    for r in results:
-        counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
-    applied = [r for r in results if r["outcome"] != "error"]
-    caught = sum(r["outcome"] == "caught" for r in applied)
-    equivalent = [r for r in applied if r["outcome"] == "survived" and r.get("equivalent")]
-    rate = caught / len(applied) if applied else 0.0
-    rate_eq = caught / (len(applied) - len(equivalent)) if len(applied) > len(equivalent) else 0.0
-    lines = [
-        "# Mutation report",
-        "",
-        f"Run started {started} (UTC) with `{' '.join(['python tools/mutate.py'] + args)}`; "
-        f"{len(results)} mutants, "
-        + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".",
-        "",
-        f"**Caught: {caught} of {len(applied)} applied mutants ({100 * rate:.0f}%)**; "
-        f"{len(equivalent)} survivors are listed as equivalent (no behaviour change), so "
-        f"{caught} of {len(applied) - len(equivalent)} non-equivalent mutants "
-        f"({100 * rate_eq:.0f}%). Timeouts count as not caught.",
-        "",
-        f"Test time, summed over the mutants: {sum(r['secs'] for r in results) / 60:.0f} min "
-        f"(each row's seconds were measured in the run that produced it)."
-        + (" With --update, rows not re-run come from the previous report's .json."
-           if "--update" in args else ""),
-        "",
-        "| mutant | file | outcome | s | evidence |",
-        "|---|---|---|---|---|",
-    ]
-    for r in results:
-        ev = r["evidence"].replace("|", "\\|")[:120]
-        lines.append(f"| {r['id']} | {r['file']} | {r['outcome']} | {r['secs']:.0f} | {ev} |")
-    survivors = [r for r in results if r["outcome"] == "survived"]
-    if survivors:
-        lines += ["", "## Survivors", ""]
-        for r in survivors:
-            lines += [f"### {r['id']}", "", r["why"], ""]
-            if r.get("equivalent"):
-                lines += [f"Equivalent: {r['equivalent']}", ""]
-            if NOTES.get(r["id"]):
-                lines += [f"Note: {NOTES[r['id']]}", ""]
-            lines += ["```diff", r["diff"].rstrip(), "```", ""]
-    path.write_text("\n".join(lines) + "\n")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="*", help="run mutants whose id starts with one of these")
@@ -399,7 +355,8 @@ def main(argv=None) -> int:
             print(f"[{i}/{len(todo)}] {outcome:8} {secs:5.0f}s {m['id']}: {evidence}", flush=True)
             for r in results:  # the current catalogue's verdict on equivalence
                 r["equivalent"] = EQUIVALENT.get(r["id"], r.get("equivalent"))
-            write_report(report, results, started, sys.argv[1:] if argv is None else argv)
+            write_report(report, results, started, sys.argv[1:] if argv is None else argv,
+                         NOTES)
             saved.write_text(json.dumps(results, indent=1))
     except KeyboardInterrupt:
         print("interrupted: the mutated file was restored; partial report written",
