@@ -17,10 +17,12 @@ too: each op's entry point in ``fastlayers.ops`` checks for it on its kernel bra
 loop-free bodies (:mod:`fastlayers.onnx_export`).
 
 :func:`set_backend` changes the process default; :func:`use_backend` overrides it for the
-enclosed code in the current thread / asyncio task only (a ``contextvars`` variable).
+enclosed code in the current thread / asyncio task only (a ``contextvars`` variable); a
+backward runs under its forward's backend (:func:`in_forward_backend`).
 """
 import contextlib
 import contextvars
+import functools
 import importlib
 import os
 
@@ -72,6 +74,28 @@ def use_backend(name: str):
         yield
     finally:
         _override.reset(token)
+
+
+def in_forward_backend(backward):
+    """Decorate an autograd backward ``backward(ctx, *grads)`` to run under the backend its
+    forward ran under: ``ctx.backend``, which the forward sets to :func:`get_backend`.
+
+    Autograd may run a backward in another thread (on CUDA, the device's worker thread,
+    where the caller's :func:`use_backend` is not in force) or after the caller's
+    ``use_backend`` block has closed; the backward's ops would otherwise choose their path
+    by the backend there. Eager only: a compiled backward's ops choose where they run.
+    """
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        name = getattr(ctx, "backend", None)
+        if torch.compiler.is_compiling() or name is None or name == get_backend():
+            return backward(ctx, *grads)
+        token = _override.set(name)
+        try:
+            return backward(ctx, *grads)
+        finally:
+            _override.reset(token)
+    return run
 
 
 @torch.compiler.assume_constant_result

@@ -41,7 +41,7 @@ def counted_launches():
     """Counts every Triton kernel launch of fastlayers' kernels (the launch still runs)."""
     counts = []
     patched = []
-    for name in ("fixed_hidden_mlp", "halve_until", "gemm"):
+    for name in ("fixed_hidden_mlp", "halve_until", "gemm", "centered"):
         mod = importlib.import_module(f"fastlayers.kernels.{name}")
         for attr, fn in vars(mod).items():
             if attr.endswith("_kernel") and hasattr(fn, "run"):

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import onnx_export, reference
-from .._backend import kernel_module, use_triton
+from .._backend import get_backend, in_forward_backend, kernel_module, use_triton
 from ._dispatch import call, needs_grad
 
 kernels = kernel_module("centered")
@@ -35,11 +35,13 @@ def _(x, dims):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.dims = inputs[1]
+    ctx.dims, ctx.backend = inputs[1], get_backend()
 
 
+@in_forward_backend
 def _backward(ctx, grad_out):
-    """d(x - mean x) = dy - mean(dy) over the same dims (stride-0 grads are fine)."""
+    """d(x - mean x) = dy - mean(dy) over the same dims (stride-0 grads are fine), on the
+    forward's backend."""
     return centered(grad_out, ctx.dims), None
 
 
@@ -52,7 +54,7 @@ class CenteredFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dims):
-        ctx.dims = dims
+        ctx.dims, ctx.backend = dims, get_backend()
         return call(fwd_op, _fwd, x, dims)
 
     backward = staticmethod(_backward)

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import fp32_matmul_mode, kernel_module, use_triton
+from .._backend import (fp32_matmul_mode, get_backend, in_forward_backend, kernel_module,
+                        use_triton)
 from ._dispatch import call, needs_grad
 
 kernels = kernel_module("fixed_hidden")
@@ -43,12 +44,13 @@ def _(grad_out, out, weight, fp32_mode):
 def _setup_context(ctx, inputs, output):
     """Save the output (its sign is the ReLU mask) and the weight (x is not needed)."""
     _x, weight, _c, fp32_mode = inputs
-    ctx.fp32_mode = fp32_mode
+    ctx.fp32_mode, ctx.backend = fp32_mode, get_backend()
     ctx.save_for_backward(weight, output)
 
 
+@in_forward_backend
 def _backward(ctx, grad_out):
-    """Kernel for a plain backward; torch's differentiable composite under create_graph."""
+    """Kernel for a plain backward (on the forward's backend); torch's differentiable composite under create_graph."""
     weight, out = ctx.saved_tensors
     grad_x = None
     if ctx.needs_input_grad[0]:

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import fp32_matmul_mode, kernel_module, use_triton
+from .._backend import (fp32_matmul_mode, get_backend, in_forward_backend, kernel_module,
+                        use_triton)
 from . import halve_until as _halve
 from ._dispatch import call, needs_grad
 
@@ -72,6 +73,7 @@ def _(grad_out, x, weight, rand_weight, h2, k, reduce_sum, fp32_mode):
 def _save(ctx, inputs, k, h2):
     x, weight, bias, rand_weight, c, _t, reduce_sum, save_h2, fp32_mode = inputs
     ctx.reduce_sum, ctx.fp32_mode, ctx.save_h2, ctx.c = reduce_sum, fp32_mode, save_h2, c
+    ctx.backend = get_backend()
     ctx.save_for_backward(x, weight, bias, rand_weight, h2, k)
 
 
@@ -90,6 +92,7 @@ def _differentiable_bwd(ctx, grad_out, x, weight, bias, rand_weight, k):
     return reference.fixed_hidden_mlp_bwd(grad_y, x, weight, rand_weight, h2)
 
 
+@in_forward_backend
 def _backward(ctx, grad_out, _grad_k=None, _grad_h2=None):
     x, weight, bias, rand_weight, h2, k = ctx.saved_tensors
     if not ctx.save_h2:

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from .. import onnx_export, reference
-from .._backend import fp32_matmul_mode, kernel_module, use_triton
+from .._backend import (fp32_matmul_mode, get_backend, in_forward_backend, kernel_module,
+                        use_triton)
 from ._dispatch import call, needs_grad
 
 kernels = kernel_module("linear_relu")
@@ -60,12 +61,13 @@ def _setup_context(ctx, inputs, output):
     x only if weight needs a gradient, weight only if x does."""
     x, weight, _bias, fp32_mode = inputs
     need_x, need_w = ctx.needs_input_grad[:2]
-    ctx.fp32_mode = fp32_mode
+    ctx.fp32_mode, ctx.backend = fp32_mode, get_backend()
     ctx.save_for_backward(x if need_w else None, weight if need_x else None, output)
 
 
+@in_forward_backend
 def _backward(ctx, grad_out):
-    """Kernels for a plain backward; torch's differentiable composite of the same formulas
+    """Kernels for a plain backward (on the forward's backend); torch's differentiable composite of the same formulas
     when the gradient itself is differentiated (``create_graph=True``: grad mode is on)."""
     x, weight, out = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
