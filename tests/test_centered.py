@@ -178,6 +178,29 @@ def test_opcheck(backend, case):
     torch.library.opcheck(ops.fwd_op, (x.requires_grad_(True), dims))
 
 
+@pytest.mark.parametrize("dims", [[-1], [2, 0], [0, 1, 2], [-3, 1]])
+def test_the_op_called_directly_takes_dims_as_centered_does(backend, dims):
+    """torch.ops.fastlayers.centered_fwd (differentiable on its own) with negative,
+    unsorted or all dims: the values and gradient of F.centered on either path."""
+    x = randn(4, 5, 3, device=backend).requires_grad_(True)
+    y = torch.ops.fastlayers.centered_fwd(x, dims)
+    assert_close_to_ref(y, ref64(x, dims))
+    gy = randn(4, 5, 3, device=backend)
+    y.backward(gy)
+    assert_close_to_ref(x.grad, ref64_grad(x, dims, gy))
+    torch.library.opcheck(ops.fwd_op, (x, dims))
+
+
+@pytest.mark.parametrize("dims, exc, words", [
+    ([1, 1], ValueError, ["dim 1", "more than once"]),
+    ([5], IndexError, ["dim 5", "out of range"]), ([-4], IndexError, ["dim -4", "3 dims"])])
+def test_the_op_called_directly_refuses_bad_dims_clearly(backend, dims, exc, words):
+    with pytest.raises(exc) as info:
+        torch.ops.fastlayers.centered_fwd(randn(2, 3, 4, device=backend), dims)
+    for word in words + ["centered_fwd"]:
+        assert word in str(info.value), (word, str(info.value))
+
+
 @pytest.mark.parametrize("dim", [None, -1])
 def test_compile_fullgraph_matches_eager(backend, dim):
     torch._dynamo.reset()

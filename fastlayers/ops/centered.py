@@ -18,7 +18,9 @@ kernels = kernel_module("centered")
 
 
 def _fwd(x: Tensor, dims: List[int]) -> Tensor:
-    """dims: distinct non-negative dims of x, sorted; [] means all elements."""
+    """dims: as :func:`normalize_dims` takes them ([] or all of x's dims: every element);
+    :func:`centered` passes them normalised, a direct call of the op may not."""
+    dims = normalize_dims("fastlayers::centered_fwd", x.dim(), dims)
     if use_triton(x):
         return kernels.centered(x, dims)
     # Same numerics and output layout as the kernels: fp32 mean for 16-bit inputs,
@@ -35,7 +37,9 @@ def _(x, dims):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.dims, ctx.backend = inputs[1], get_backend()
+    x, dims = inputs
+    ctx.dims = normalize_dims("fastlayers::centered_fwd", x.dim(), dims)
+    ctx.backend = get_backend()
 
 
 @in_forward_backend
@@ -54,7 +58,8 @@ class CenteredFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dims):
-        ctx.dims, ctx.backend = dims, get_backend()
+        ctx.dims = normalize_dims("fastlayers::centered_fwd", x.dim(), dims)
+        ctx.backend = get_backend()
         return call(fwd_op, _fwd, x, dims)
 
     backward = staticmethod(_backward)
