@@ -137,10 +137,13 @@ def _check_map_location(map_location) -> None:
 
 
 def _load_torch(path, map_location, verify: bool):
-    try:
-        if verify:
-            verify_torch_zip(path)
-        return torch.load(path, map_location=map_location, weights_only=True)
+    try:  # ONE open file, checked and then read: an atomic save that replaces the path in
+        # between cannot make torch read a file other than the one verified
+        with open(path, "rb") as f:
+            if verify:
+                verify_torch_zip(path, f)
+                f.seek(0)
+            return torch.load(f, map_location=map_location, weights_only=True)
     except FastlayersIOError:
         raise
     except OSError as exc:  # EINVAL: torch's reader seeking past the end is a damaged file

@@ -72,16 +72,19 @@ def _storage_keys(pickled: bytes) -> dict:
     return keys
 
 
-def verify_torch_zip(path) -> None:
+def verify_torch_zip(path, file=None) -> None:
     """Raise CorruptFileError if a record ``torch.load(path)`` reads is damaged or missing.
 
-    path: a file; anything that is not a zip archive (torch's legacy format, garbage) is
-        left to torch.load to judge. OSErrors propagate unchanged.
+    path: a file (named in errors); anything that is not a zip archive (torch's legacy
+        format, garbage) is left to torch.load to judge. OSErrors propagate unchanged.
+    file: ``path`` opened for binary reading, to check that open file (and then hand it,
+        rewound, to torch.load) rather than open the path again; left open.
     """
-    if not zipfile.is_zipfile(path):
+    source = path if file is None else file
+    if not zipfile.is_zipfile(source):
         return
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(source)
     except OSError:
         raise  # the file system, not the file: the caller reports it as such
     except Exception as exc:  # BadZipFile, NotImplementedError, ValueError, ...

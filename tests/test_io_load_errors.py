@@ -339,3 +339,31 @@ def test_a_map_location_naming_no_device_is_an_argument_error(tmp_path, fmt, bad
         fio.load(path, map_location=bad)
     assert not isinstance(info.value, fio.CorruptFileError)
     _assert_same(fio.load(path, map_location="cpu"), _state())
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_a_save_replacing_the_file_mid_load_cannot_swap_what_was_verified(tmp_path,
+                                                                          monkeypatch, fmt):
+    """Another process's atomic save replaces the path between load's checksum pass and its
+    read: load returns the file it verified (one open file, or one read), not the other."""
+    path = tmp_path / f"weights.{fmt}"
+    old, new = _state(0), _state(1)
+    fio.save(old, path)
+    if fmt == "pt":
+        real, module, name = fio.verify_torch_zip, fio, "verify_torch_zip"
+    else:
+        real, module, name = io_safetensors.crc32, io_safetensors, "crc32"
+    swapped = []
+
+    def verify_then_replace(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if not swapped:
+            swapped.append(True)
+            fio.save(new, path)  # atomic: a new file renamed over the path
+        return out
+
+    monkeypatch.setattr(module, name, verify_then_replace)
+    _assert_same(fio.load(path), old)
+    assert swapped
+    monkeypatch.undo()
+    _assert_same(fio.load(path), new)  # the replacement did land, for the next load

@@ -20,6 +20,11 @@ def io_and_convert(M, T):
           "test_views_are_written_as_their_own_elements (which counts the bytes written) pin the "
           "behaviour should safetensors change; re-checked 2026-12-02 with safetensors 0.8.0 "
           "after the check also covered storage offsets"),
+        M("io-load-reopens", IO,
+          "            return torch.load(f, map_location=map_location, weights_only=True)",
+          "            return torch.load(path, map_location=map_location, weights_only=True)",
+          "load reads the path again after verifying the open file (a save in between wins)",
+          tests=[T + "test_io_load_errors.py"]),
         M("io-crc-missing-key", IOS, "for listed in sorted(set(keys) | set(crcs)):",
           "for listed in sorted(set(keys)):",
           "a tensor listed in the checksums but missing from the file passes"),
