@@ -36,6 +36,12 @@ class FixedHiddenMatmul(nn.Module):
         self.in_features, self.out_features, self.c = in_features, out_features, float(c)
         self.register_buffer("weight", weight)
 
+    def reset_parameters(self) -> None:
+        """Draw the weight again as the default does (``torch.rand``: uniform on [0, 1)), in
+        place: after ``to_empty()`` of a module built on the meta device, for one."""
+        with torch.no_grad():
+            self.weight.uniform_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fixed_hidden(x, self.weight, self.c)
 
@@ -77,6 +83,14 @@ class FixedHiddenMLP(nn.Module):
         self.register_buffer("rand_weight", torch.rand((d, d), **factory))
         self.linear = nn.Linear(d, d, **factory)
         self.d, self.reduce, self.c, self.threshold = d, reduce, float(c), float(threshold)
+
+    def reset_parameters(self) -> None:
+        """Draw ``rand_weight`` (``torch.rand``) and then ``linear`` (nn.Linear's init) again,
+        in place and in the seed's order: after ``to_empty()`` of a module built on the meta
+        device, for one."""
+        with torch.no_grad():
+            self.rand_weight.uniform_()
+        self.linear.reset_parameters()
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         return fixed_hidden_mlp(X, self.linear.weight, self.linear.bias, self.rand_weight,

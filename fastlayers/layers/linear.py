@@ -104,6 +104,9 @@ class MyLinear(nn.Module):
     Unlike the seed (which uses ``.data`` in forward and so blocks autograd), gradients
     reach ``weight`` and ``bias``.
 
+    Under ``torch.autocast`` it casts as ``F.linear`` does and returns the autocast dtype;
+    the seed's ``X @ W + b`` returns fp32 there when the bias is fp32.
+
     Args: in_units, units: input and output sizes. device, dtype: factory kwargs.
     """
 
@@ -112,6 +115,12 @@ class MyLinear(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.randn(in_units, units, **factory))
         self.bias = nn.Parameter(torch.randn(units, **factory))
+
+    def reset_parameters(self) -> None:
+        """Draw weight and bias again from N(0, 1), as ``torch.randn`` did, in place: after
+        ``to_empty()`` of a module built on the meta device, for one."""
+        nn.init.normal_(self.weight)
+        nn.init.normal_(self.bias)
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         return linear_relu(X, self.weight.t(), self.bias)
