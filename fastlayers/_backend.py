@@ -130,27 +130,35 @@ def _device_choice(device_type: str, backend: str = None):
 
 
 def _torch_only_context() -> bool:
-    """True under torch.func transforms or forward-mode AD (see module doc)."""
-    if torch.compiler.is_compiling():
-        return False
-    return (torch._C._functorch.peek_interpreter_stack() is not None
-            or _fwd_ad._current_level >= 0)
+    """True under torch.func transforms (also while torch.compile traces one) or eager
+    forward-mode AD (see module doc)."""
+    # isinstance, not "is not None": Dynamo hands back the answer wrapped as an object,
+    # None included
+    if isinstance(torch._C._functorch.peek_interpreter_stack(), _CInterpreter):
+        return True
+    return not torch.compiler.is_compiling() and _fwd_ad._current_level >= 0
+
+
+_CInterpreter = torch._C._functorch.CInterpreter  # a torch.func transform's level
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor  # autograd's own vmap
 
 
 def use_triton(t: torch.Tensor, *others) -> bool:
     """True when the op for tensor ``t`` should run the Triton kernel (the one rule).
     others: the op's other tensor inputs (None allowed); the kernels read only dense
-    (strided, not nested) tensors without a negative bit, so a sparse, nested or
-    negative-bit one sends the op to torch's ops."""
+    (strided, not nested) tensors without a negative bit, so a sparse, nested,
+    negative-bit or legacy-batched one sends the op to torch's ops."""
     backend = get_backend()
     if backend == "auto" and not t.is_cuda:
         return False  # _device_choice's answer, without its cost (the CPU default first)
     if t.dtype not in KERNEL_DTYPES:
         return False
     if not torch.compiler.is_compiling() and not all(  # (Dynamo: dense fake tensors)
-            o is None or (o.layout is torch.strided and not o.is_nested and not o.is_neg())
+            o is None or (o.layout is torch.strided and not o.is_nested and not o.is_neg()
+                          and not _legacy_batched(o))
             for o in (t, *others)):
-        return False  # (a negative-bit view's memory holds -x: torch's ops resolve it)
+        return False  # (a negative-bit view's memory holds -x: torch's ops resolve it; a
+        # batched gradient of autograd.grad(is_grads_batched=True) has no memory to read)
     path, reason = _device_choice(t.device.type, backend)
     if path == "error":
         raise RuntimeError(f"fastlayers: {reason} (tensor on {t.device})")

@@ -42,11 +42,14 @@ K_FOREVER = torch.iinfo(torch.int32).max  # "the loop never ends"; == kernels.ha
 _SCALE_DOWN = 64  # the overflow fallback sums |x| * 2**-64 (a finite sum for any finite x)
 
 
-@functools.lru_cache(maxsize=256)
-def threshold_in(dtype: torch.dtype, threshold: float) -> float:
+@torch.compiler.assume_constant_result  # Dynamo: a constant of the graph, no .item()
+def _threshold_in(dtype: torch.dtype, threshold: float) -> float:
     """The threshold as the seed's ``tensor > threshold`` sees it: rounded to ``dtype`` the
     way torch converts a Python scalar (through fp32 for 16-bit dtypes)."""
     return float(torch.tensor(threshold, dtype=dtype))
+
+
+threshold_in = functools.lru_cache(maxsize=256)(_threshold_in)  # (eager: no tensor per call)
 
 
 def window_below(n: int, dtype: torch.dtype, t: float) -> int:
@@ -109,7 +112,8 @@ def torch_count(x: Tensor, t: float) -> Tensor:
     |x| is laid out as the loop's ``x.abs()`` is, so the sums add in its order: x's own
     layout when x is dense, else contiguous (:func:`_dense`; under vmap per sample, which
     the batched tensor's own layout need not be)."""
-    a = (x if _dense(x) else x.contiguous()).abs()
+    compiling = torch.compiler.is_compiling()  # (symbolic strides: no layout test)
+    a = (x if compiling or _dense(x) else x.contiguous()).abs()
     s0 = a.sum()  # torch's own sum in x's dtype: the seed's first comparison
     s1 = _scaled_sum(a)
     forever = torch.tensor(K_FOREVER, device=x.device)
@@ -322,6 +326,18 @@ class HalveUntilFunction(torch.autograd.Function):
 # every call (~13 us of a 2x20 call on the dev CPU); inspect returns a stored one at once.
 HalveUntilFunction.forward.__signature__ = inspect.signature(HalveUntilFunction.forward)
 
+def _traced_transform_body(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
+    """(y, k) from tensor ops with autograd's own formulas, for torch.compile tracing a
+    torch.func transform (Dynamo cannot trace :class:`HalveUntilFunction`'s custom jvp, and
+    the op has no batching or jvp rule). y is :func:`halve_bits`'s, bit for bit: the term
+    subtracted is a zero (NaN where x is) whose derivative is :func:`scale_grad`'s
+    ``dx * 2**-k`` (0 where x is ±inf, as there k = K_FOREVER)."""
+    xd = x.detach()
+    k = torch_count(xd, _threshold_in(x.dtype, threshold))
+    zero = torch.where(torch.isinf(xd), torch.zeros_like(xd), xd - x)  # +0: y - 0 is y
+    return halve_bits(xd.contiguous(), k) - scale_grad_on_device(zero, k), k
+
+
 # ------------------------------------------------------------------------- entry point
 def halve_until(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
     """(y, k) for a validated x and threshold (``fastlayers.functional.halve_until``
@@ -333,6 +349,8 @@ def halve_until(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
     g * 2**-k through torch's own autograd (B=2 FixedHiddenMLP forward+backward: no
     Function.apply)."""
     if _torch_only_context():
+        if torch.compiler.is_compiling():
+            return _traced_transform_body(x, threshold)
         return HalveUntilFunction.apply(x, threshold)
     if needs_grad(x) and eager():
         if x.is_cpu and not use_triton(x):
