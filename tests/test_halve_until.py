@@ -163,9 +163,15 @@ def test_threshold_rounds_like_torchs_comparison(dtype):
 
 
 def test_infinite_threshold_never_halves(backend):
-    x = torch.tensor([1e30, -3.0, float("inf")], device=backend)
-    y, k = F.halve_until(x, math.inf, return_count=True)
-    assert int(k) == 0 and torch.equal(y, x)
+    """`sum > inf` is never true: k = 0 and y = x, also for an infinite element or a sum
+    that overflows to inf (the device route's count too, taken under vmap)."""
+    rows = torch.tensor([[1e30, -3.0, float("inf")], [3.4e38, 3.4e38, -1.0]], device=backend)
+    for x in rows:
+        y, k = F.halve_until(x, math.inf, return_count=True)
+        assert int(k) == 0 and torch.equal(y, x), x
+    y, k = torch.func.vmap(lambda r: F.halve_until(r, math.inf, return_count=True))(rows)
+    assert torch.equal(k, torch.zeros(2, dtype=torch.int32, device=backend))
+    assert torch.equal(y, rows)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

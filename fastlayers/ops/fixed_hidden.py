@@ -10,6 +10,7 @@ from .. import reference
 from .._backend import (fp32_matmul_mode, get_backend, in_forward_backend, kernel_module,
                         use_triton)
 from ._dispatch import call, needs_grad
+from ._operands import checked, expect
 
 kernels = kernel_module("fixed_hidden")
 
@@ -26,9 +27,13 @@ def _bwd_input(grad_out: Tensor, out: Tensor, weight: Tensor, fp32_mode: str) ->
     return reference.fixed_hidden_bwd_input(grad_out, out, weight)
 
 
-fwd_op = torch.library.custom_op("fastlayers::fixed_hidden_fwd", _fwd, mutates_args=())
-bwd_input_op = torch.library.custom_op("fastlayers::fixed_hidden_bwd_input", _bwd_input,
-                                       mutates_args=())
+fwd_op = torch.library.custom_op("fastlayers::fixed_hidden_fwd", checked(
+    _fwd, lambda x, w, c, mode: expect("fastlayers::fixed_hidden_fwd", mode, x=(x, "MK"),
+                                       weight=(w, "KN"))), mutates_args=())
+bwd_input_op = torch.library.custom_op("fastlayers::fixed_hidden_bwd_input", checked(
+    _bwd_input, lambda g, out, w, mode: expect("fastlayers::fixed_hidden_bwd_input", mode,
+                                               grad_out=(g, "MN"), out=(out, "MN"),
+                                               weight=(w, "KN"))), mutates_args=())
 
 
 @fwd_op.register_fake

@@ -19,6 +19,7 @@ from .._backend import (fp32_matmul_mode, get_backend, in_forward_backend, kerne
                         use_triton)
 from . import halve_until as _halve
 from ._dispatch import call, needs_grad
+from ._operands import checked, expect
 
 kernels = kernel_module("fixed_hidden_mlp")
 
@@ -53,8 +54,25 @@ def _bwd(grad_out: Tensor, x: Tensor, weight: Tensor, rand_weight: Tensor, h2: T
     return reference.fixed_hidden_mlp_bwd(grad_y, x, weight, rand_weight, h2)
 
 
-fwd_op = torch.library.custom_op("fastlayers::fixed_hidden_mlp_fwd", _fwd, mutates_args=())
-bwd_op = torch.library.custom_op("fastlayers::fixed_hidden_mlp_bwd", _bwd, mutates_args=())
+def _check_fwd(x, weight, bias, rand_weight, c, threshold, reduce_sum, save_h2, fp32_mode):
+    expect("fastlayers::fixed_hidden_mlp_fwd", fp32_mode, x=(x, "MD"), weight=(weight, "DD"),
+           bias=(bias, "D"), rand_weight=(rand_weight, "DD"))
+    _halve.threshold_in(x.dtype, threshold)  # raises for a threshold the loop cannot use
+
+
+def _check_bwd(grad_out, x, weight, rand_weight, h2, k, reduce_sum, fp32_mode):
+    expect("fastlayers::fixed_hidden_mlp_bwd", fp32_mode,
+           grad_out=(grad_out, "" if reduce_sum else "MD"), x=(x, "MD"),
+           weight=(weight, "DD"), rand_weight=(rand_weight, "DD"), h2=(h2, "MD"))
+    if k.shape != () or k.dtype != torch.int32:
+        raise ValueError(f"fastlayers::fixed_hidden_mlp_bwd: k must be the forward's int32 "
+                         f"0-dim count, got {k.dtype} {list(k.shape)}")
+
+
+fwd_op = torch.library.custom_op("fastlayers::fixed_hidden_mlp_fwd", checked(_fwd, _check_fwd),
+                                 mutates_args=())
+bwd_op = torch.library.custom_op("fastlayers::fixed_hidden_mlp_bwd", checked(_bwd, _check_bwd),
+                                 mutates_args=())
 
 
 @fwd_op.register_fake

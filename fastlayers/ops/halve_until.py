@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .._backend import _jit_tracing, _torch_only_context, kernel_module, use_triton
+from .._validate import check_threshold
 from ._dispatch import call, eager, needs_grad
 
 kernels = kernel_module("halve_until")
@@ -45,8 +46,14 @@ _SCALE_DOWN = 64  # the overflow fallback sums |x| * 2**-64 (a finite sum for an
 @torch.compiler.assume_constant_result  # Dynamo: a constant of the graph, no .item()
 def _threshold_in(dtype: torch.dtype, threshold: float) -> float:
     """The threshold as the seed's ``tensor > threshold`` sees it: rounded to ``dtype`` the
-    way torch converts a Python scalar (through fp32 for 16-bit dtypes)."""
-    return float(torch.tensor(threshold, dtype=dtype))
+    way torch converts a Python scalar (through fp32 for 16-bit dtypes). Raises as
+    ``fastlayers.functional.halve_until`` does for a threshold the loop cannot use (a direct
+    call of the op comes here unchecked) or a dtype that is not floating-point."""
+    if not dtype.is_floating_point:
+        raise TypeError(f"fastlayers::halve_until: x must be a floating-point tensor, got "
+                        f"{dtype}")
+    return float(torch.tensor(check_threshold("fastlayers::halve_until", dtype, threshold),
+                              dtype=dtype))
 
 
 threshold_in = functools.lru_cache(maxsize=256)(_threshold_in)  # (eager: no tensor per call)

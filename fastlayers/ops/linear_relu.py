@@ -10,6 +10,7 @@ from .. import onnx_export, reference
 from .._backend import (fp32_matmul_mode, get_backend, in_forward_backend, kernel_module,
                         use_triton)
 from ._dispatch import call, needs_grad
+from ._operands import checked, expect
 
 kernels = kernel_module("linear_relu")
 
@@ -34,11 +35,17 @@ def _bwd_params(grad_out: Tensor, out: Tensor, x: Tensor, fp32_mode: str) -> Tup
     return reference.linear_relu_bwd_params(grad_out, out, x)
 
 
-fwd_op = torch.library.custom_op("fastlayers::linear_relu_fwd", _fwd, mutates_args=())
-bwd_input_op = torch.library.custom_op("fastlayers::linear_relu_bwd_input", _bwd_input,
-                                       mutates_args=())
-bwd_params_op = torch.library.custom_op("fastlayers::linear_relu_bwd_params", _bwd_params,
-                                        mutates_args=())
+fwd_op = torch.library.custom_op("fastlayers::linear_relu_fwd", checked(
+    _fwd, lambda x, w, b, mode: expect("fastlayers::linear_relu_fwd", mode, x=(x, "MK"),
+                                       weight=(w, "NK"), bias=(b, "N"))), mutates_args=())
+bwd_input_op = torch.library.custom_op("fastlayers::linear_relu_bwd_input", checked(
+    _bwd_input, lambda g, out, w, mode: expect("fastlayers::linear_relu_bwd_input", mode,
+                                               grad_out=(g, "MN"), out=(out, "MN"),
+                                               weight=(w, "NK"))), mutates_args=())
+bwd_params_op = torch.library.custom_op("fastlayers::linear_relu_bwd_params", checked(
+    _bwd_params, lambda g, out, x, mode: expect("fastlayers::linear_relu_bwd_params", mode,
+                                                grad_out=(g, "MN"), out=(out, "MN"),
+                                                x=(x, "MK"))), mutates_args=())
 
 
 @fwd_op.register_fake
