@@ -75,7 +75,11 @@ def check_python_float(op: str, name: str, value) -> float:
     """``value`` as a float: ints and floats only (not bools, tensors or strings)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{op}: {name} must be a Python float, got {type(value).__name__}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int past float's range
+        raise ValueError(f"{op}: {name} is an int of {value.bit_length()} bits, beyond "
+                         f"float's range") from None
 
 
 def check_bias(op: str, bias, features: int) -> None:
@@ -203,7 +207,11 @@ def check_threshold(op: str, dtype: torch.dtype, threshold) -> float:
             threshold, (int, float, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"{op}: threshold must be a Python float (a tensor threshold "
                         f"would need a device-to-host sync), got {type(threshold).__name__}")
-    threshold = threshold * 1.0  # int -> float (float() would specialize a SymFloat)
+    try:
+        threshold = threshold * 1.0  # int -> float (float() would specialize a SymFloat)
+    except OverflowError:  # an int past float's range
+        raise ValueError(f"{op}: threshold is an int of {threshold.bit_length()} bits, "
+                         f"beyond float's range") from None
     if threshold != threshold or threshold <= 0:
         raise ValueError(f"{op}: threshold must be > 0, got {threshold} (the seed's loop "
                          f"`while x.abs().sum() > threshold` never starts for NaN; for 0 or "

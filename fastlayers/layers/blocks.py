@@ -1,8 +1,11 @@
 """The seed's blocks ("Builders' Guide") as drop-ins: FixedHiddenMatmul, FixedHiddenMLP,
 NestMLP and MySequential, with the seed's state_dict keys and init order."""
+import operator
+
 import torch
 from torch import nn
 
+from .._validate import check_python_float, check_threshold
 from ..functional import fixed_hidden, fixed_hidden_mlp
 from .linear import LinearReLU
 
@@ -33,7 +36,8 @@ class FixedHiddenMatmul(nn.Module):
                 raise ValueError(f"FixedHiddenMatmul: weight must have shape ({in_features}, "
                                  f"{out_features}), got {tuple(weight.shape)}")
             weight = weight.detach().clone().to(**{k: v for k, v in factory.items() if v})
-        self.in_features, self.out_features, self.c = in_features, out_features, float(c)
+        c = check_python_float("FixedHiddenMatmul", "c", c)
+        self.in_features, self.out_features, self.c = in_features, out_features, c
         self.register_buffer("weight", weight)
 
     def reset_parameters(self) -> None:
@@ -82,7 +86,9 @@ class FixedHiddenMLP(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.register_buffer("rand_weight", torch.rand((d, d), **factory))
         self.linear = nn.Linear(d, d, **factory)
-        self.d, self.reduce, self.c, self.threshold = d, reduce, float(c), float(threshold)
+        c = check_python_float("FixedHiddenMLP", "c", c)
+        threshold = check_threshold("FixedHiddenMLP", torch.float64, threshold)  # (dtype: at call)
+        self.d, self.reduce, self.c, self.threshold = d, reduce, c, threshold
 
     def reset_parameters(self) -> None:
         """Draw ``rand_weight`` (``torch.rand``) and then ``linear`` (nn.Linear's init) again,
@@ -182,6 +188,11 @@ class MySequential(nn.Module):
             part = MySequential()
             part._modules.update(list(self._modules.items())[idx])
             return part
+        try:
+            idx = operator.index(idx)
+        except TypeError:
+            raise TypeError(f"MySequential: indices must be integers or slices, not "
+                            f"{type(idx).__name__}") from None
         modules = list(self._modules.values())
         if not -len(modules) <= idx < len(modules):
             raise IndexError(f"MySequential: index {idx} is out of range for "
