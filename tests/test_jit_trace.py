@@ -97,3 +97,27 @@ def test_traced_halving_of_a_relu_output(backend):
         traced = torch.jit.trace(lambda v: fastlayers.functional.halve_until(torch.relu(v)), x)
     y, _ = halve_until_loop(torch.relu(x))
     assert torch.equal(traced(x), y)
+
+
+SCRIPTED = {
+    "LinearReLU": lambda: fastlayers.LinearReLU(3, 4),
+    "LazyLinearReLU": lambda: fastlayers.LazyLinearReLU(4),
+    "MyLinear": lambda: fastlayers.MyLinear(3, 4),
+    "CenteredLayer": lambda: fastlayers.CenteredLayer(),
+    "FixedHiddenMatmul": lambda: fastlayers.FixedHiddenMatmul(3, 4),
+    "FixedHiddenMLP": lambda: fastlayers.FixedHiddenMLP(4),
+    "NestMLP": lambda: fastlayers.NestMLP(),
+    "MySequential": lambda: fastlayers.MySequential(torch.nn.Linear(3, 4), torch.nn.ReLU()),
+}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("name", list(SCRIPTED))
+def test_jit_script_is_refused_clearly(name):
+    """torch.jit.script of a module, or of a model holding one: a RuntimeError naming the
+    module and the alternatives (not TorchScript's error about a line of our code)."""
+    for model in (SCRIPTED[name](), torch.nn.Sequential(torch.nn.Identity(), SCRIPTED[name]())):
+        with pytest.raises(RuntimeError) as info:
+            torch.jit.script(model)
+        for word in (f"fastlayers.{name}", "torch.jit.script", "torch.jit.trace"):
+            assert word in str(info.value), (word, str(info.value))

@@ -8,9 +8,10 @@ from torch import nn
 from .._validate import check_python_float, check_threshold
 from ..functional import fixed_hidden, fixed_hidden_mlp
 from .linear import LinearReLU
+from .not_scriptable import NotScriptable
 
 
-class FixedHiddenMatmul(nn.Module):
+class FixedHiddenMatmul(NotScriptable, nn.Module):
     """relu(x @ weight + c) with a frozen weight, one fused kernel (the seed's
     ``F.relu(torch.mm(X, self.rand_weight) + 1)``).
 
@@ -53,7 +54,7 @@ class FixedHiddenMatmul(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, c={self.c}"
 
 
-class FixedHiddenMLP(nn.Module):
+class FixedHiddenMLP(NotScriptable, nn.Module):
     """The seed's FixedHiddenMLP, sync-free:
 
         X = linear(X); X = relu(X @ rand_weight + 1); X = linear(X)   # one Linear, twice
@@ -134,7 +135,7 @@ class FixedHiddenMLP(nn.Module):
         return f"d={self.d}, reduce={self.reduce!r}, c={self.c}, threshold={self.threshold}"
 
 
-class NestMLP(nn.Module):
+class NestMLP(NotScriptable, nn.Module):
     """The seed's NestMLP with fused Linear+ReLU layers and the seed's state_dict keys:
 
         net = Sequential(LinearReLU(20, 64), Identity(), LinearReLU(64, 32), Identity())
@@ -158,7 +159,7 @@ class NestMLP(nn.Module):
         return self.linear(self.net(X))
 
 
-class MySequential(nn.Module):
+class MySequential(NotScriptable, nn.Module):
     """The seed's MySequential: children stored in ``_modules`` under "0", "1", ... and
     called in order. Also supports ``len``, iteration and indexing (an int, negative
     too, gives the child; a slice gives a MySequential of those children, under their

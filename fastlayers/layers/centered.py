@@ -3,9 +3,10 @@ from torch import nn
 
 from ..functional import centered
 from ..ops.centered import normalize_dims
+from .not_scriptable import NotScriptable
 
 
-class CenteredLayer(nn.Module):
+class CenteredLayer(NotScriptable, nn.Module):
     """The seed's ``CenteredLayer`` (``X - X.mean()``), as a fused kernel; no parameters.
 
     Args:

@@ -5,11 +5,12 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
 from ..functional import linear_relu
+from .not_scriptable import NotScriptable
 
 _MISSING = object()
 
 
-class LinearReLU(nn.Module):
+class LinearReLU(NotScriptable, nn.Module):
     """``nn.Sequential(nn.Linear(in, out), nn.ReLU())`` as one fused op.
 
     Parameters, init, ``reset_parameters``, ``extra_repr`` and state_dict keys are exactly
@@ -97,7 +98,7 @@ class LazyLinearReLU(LazyModuleMixin, LinearReLU):
             self.in_features = self.weight.shape[-1]
 
 
-class MyLinear(nn.Module):
+class MyLinear(NotScriptable, nn.Module):
     """The seed's ``MyLinear``: ``relu(X @ weight + bias)`` with ``weight [in_units, units]``
     and ``bias [units]``, both ``randn``-initialised, fused into one kernel.
 
