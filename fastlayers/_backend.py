@@ -139,6 +139,12 @@ def _torch_only_context() -> bool:
     return not torch.compiler.is_compiling() and _fwd_ad._current_level >= 0
 
 
+def plain(t: torch.Tensor) -> bool:
+    """Whether t is a plain tensor or Parameter: not a subclass (DTensor, an async
+    collective's result, a fake tensor), whose memory is not simply its values."""
+    return type(t) is torch.Tensor or type(t) is torch.nn.Parameter
+
+
 _CInterpreter = torch._C._functorch.CInterpreter  # a torch.func transform's level
 _legacy_batched = torch._C._functorch.is_legacy_batchedtensor  # autograd's own vmap
 
@@ -147,15 +153,16 @@ def use_triton(t: torch.Tensor, *others) -> bool:
     """True when the op for tensor ``t`` should run the Triton kernel (the one rule).
     others: the op's other tensor inputs (None allowed); the kernels read only dense
     (strided, not nested) tensors without a negative bit, so a sparse, nested,
-    negative-bit or legacy-batched one sends the op to torch's ops."""
+    negative-bit, legacy-batched or subclass (DTensor, ...) one sends the op to torch's
+    ops."""
     backend = get_backend()
     if backend == "auto" and not t.is_cuda:
         return False  # _device_choice's answer, without its cost (the CPU default first)
     if t.dtype not in KERNEL_DTYPES:
         return False
     if not torch.compiler.is_compiling() and not all(  # (Dynamo: dense fake tensors)
-            o is None or (o.layout is torch.strided and not o.is_nested and not o.is_neg()
-                          and not _legacy_batched(o))
+            o is None or (plain(o) and o.layout is torch.strided and not o.is_nested
+                          and not o.is_neg() and not _legacy_batched(o))
             for o in (t, *others)):
         return False  # (a negative-bit view's memory holds -x: torch's ops resolve it; a
         # batched gradient of autograd.grad(is_grads_batched=True) has no memory to read)

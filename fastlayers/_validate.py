@@ -19,6 +19,22 @@ def check_float(op: str, name: str, t: torch.Tensor) -> None:
         )
 
 
+def check_not_dtensor(op: str, **tensors) -> None:
+    """Refuse DTensors: the halving count is read off the bits of one global sum, and
+    DTensor's sharded ops neither give that sum to a host read (one shard's) nor shift its
+    bits right. (The plain path's check is one type test per tensor.)"""
+    for name, t in tensors.items():
+        if t is None or type(t) is Tensor or type(t) is torch.nn.Parameter:
+            continue
+        if torch.distributed.is_available():
+            from torch.distributed.tensor import DTensor
+            if isinstance(t, DTensor):
+                raise NotImplementedError(
+                    f"{op}: {name} is a DTensor, which the halving count does not support "
+                    f"(it needs one global sum's bits); call it on {name}.full_tensor(), "
+                    f"or on each rank's {name}.to_local() for a count per rank")
+
+
 def check_matmul_operands(op: str, x: torch.Tensor, weight: torch.Tensor, in_dim: int,
                           layout: str) -> None:
     """x [..., in_features] against a 2-D float ``weight`` whose dim ``in_dim`` holds

@@ -97,6 +97,7 @@ def halve_until(x: Tensor, threshold: float = 1.0, return_count: bool = False):
     if has_torch_function_variadic(x):
         return handle_torch_function(halve_until, (x,), x, threshold, return_count)
     _validate.check_float("halve_until", "input", x)
+    _validate.check_not_dtensor("halve_until", input=x)
     threshold = _validate.check_threshold("halve_until", x.dtype, threshold)
     if onnx_export.exporting():
         return onnx_export.halve_until(x, threshold, return_count)
@@ -123,6 +124,7 @@ def fixed_hidden_mlp(x: Tensor, weight: Tensor, bias: Tensor, rand_weight: Tenso
                                      return_count)
     op = "fixed_hidden_mlp"
     c = _validate.check_fixed_hidden_mlp(x, weight, bias, rand_weight, c, reduce)
+    _validate.check_not_dtensor(op, input=x, weight=weight, bias=bias, rand_weight=rand_weight)
     if torch._C._is_any_autocast_enabled():
         x, weight, bias, rand_weight = autocast_cast(x.device.type, x, weight, bias,
                                                      rand_weight)

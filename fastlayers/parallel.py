@@ -84,7 +84,10 @@ def _as_dtensor(local: torch.Tensor, mesh, placement, global_shape) -> DTensor:
 
 def _colwise_forward(module, x: DTensor) -> DTensor:
     """relu(x @ W_r.T + b_r) on this rank's output features, fused; x is Replicate."""
-    x_local, w, b = x.to_local(), module.weight.to_local(), _local(module.bias)
+    # x is whole on every rank, but each rank's dx covers its own output features: a
+    # partial sum that x's gradient must add up over the ranks (Partial, not Replicate)
+    x_local = x.to_local(grad_placements=[Partial()])
+    w, b = module.weight.to_local(), _local(module.bias)
     y = FL.linear_relu(x_local, w if isinstance(module, LinearReLU) else w.t(), b)
     return _as_dtensor(y, x.device_mesh, Shard(y.dim() - 1),
                        (*x.shape[:-1], _out_features(module)))

@@ -31,8 +31,8 @@ def _in_place_ok(y: torch.Tensor) -> bool:
     (torch.export) and torch.compile take the new tensor: no guard on the size. Never while
     ``torch.jit.trace`` records: its check re-runs the model under no_grad and must record
     the same graph. Values and gradients are the same either way."""
-    if _tracing_state() is not None:
-        return False
+    if _tracing_state() is not None or type(y) is not torch.Tensor:
+        return False  # (a subclass such as a Partial DTensor: its own rules for in-place)
     if not y.requires_grad:
         return True
     n = y.numel()

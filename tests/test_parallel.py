@@ -32,12 +32,19 @@ def _models():
     d = nn.Sequential(fastlayers.LinearReLU(13, 8, bias=False), fastlayers.LinearReLU(8, 6))
     plan_d = {"0": ColwiseParallel(), "1": RowwiseParallel(output_layouts=Shard(0),
                                                               use_local_output=False)}
+    # a trainable layer in front of a Colwise one: its gradients need the input gradient
+    # summed over the ranks (each holds the part from its own output features)
+    e = nn.Sequential(nn.Linear(13, 11), fastlayers.LinearReLU(11, 9), fastlayers.MyLinear(9, 5))
+    plan_e = {"1": ColwiseParallel(), "2": RowwiseParallel()}
     x = torch.randn(4, 3, 13)
-    return [(a, plan_a, x), (b, plan_b, x), (c, plan_c, x[0]), (d, plan_d, x.reshape(12, 13))]
+    return [(a, plan_a, x), (b, plan_b, x), (c, plan_c, x[0]), (d, plan_d, x.reshape(12, 13)),
+            (e, plan_e, x)]
 
 
 def _run(model, x):
-    """Output and the full gradient of every parameter after a random-weighted loss."""
+    """Output and the full gradient of every parameter and of the input after a
+    random-weighted loss."""
+    x = x.detach().requires_grad_(True)
     out = model(x)
     if hasattr(out, "full_tensor"):  # a DTensor output (use_local_output=False)
         assert out.placements == (Shard(0),)
@@ -46,7 +53,7 @@ def _run(model, x):
     (out * g).sum().backward()
     grads = [p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
              for p in model.parameters()]
-    return out.detach(), [gr.detach() for gr in grads]
+    return out.detach(), [gr.detach() for gr in grads + [x.grad]]
 
 
 def _worker(rank, init_method, out_dir):
@@ -62,7 +69,8 @@ def _worker(rank, init_method, out_dir):
                 for model, plan, x in _models():
                     parallelize_module(model, mesh, plan)
                     out, grads = _run(model, x)
-                    shard = type(model[0].weight).__name__
+                    shard = next(type(m.weight).__name__ for m in model if isinstance(
+                        m, (fastlayers.LinearReLU, fastlayers.MyLinear)))
                     results[backend].append((out, grads, shard))
         save_rank(results, out_dir, rank)
 

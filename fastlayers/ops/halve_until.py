@@ -33,7 +33,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .._backend import _jit_tracing, _torch_only_context, kernel_module, use_triton
+from .._backend import _jit_tracing, _torch_only_context, kernel_module, plain, use_triton
 from .._validate import check_threshold
 from ._dispatch import call, eager, needs_grad
 
@@ -270,8 +270,8 @@ def _impl(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
         return y.view(x.shape), k
     # torch.jit.trace: the host route too (the tracer cannot record the device route's
     # dtype views), which warns that k becomes a constant of the traced graph
-    if x.device.type == "cpu" or _jit_tracing() is not None:
-        done = _cpu_halve(x, t)
+    if (x.device.type == "cpu" and plain(x)) or _jit_tracing() is not None:
+        done = _cpu_halve(x, t)  # (a DTensor's host read would see one shard only)
         if done is not None:
             return done[0], torch.tensor(done[1], dtype=torch.int32)
     k = torch_count(x, t)  # on x's own layout: the loop's summation order
@@ -360,7 +360,7 @@ def halve_until(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor]:
             return _traced_transform_body(x, threshold)
         return HalveUntilFunction.apply(x, threshold)
     if needs_grad(x) and eager():
-        if x.is_cpu and not use_triton(x):
+        if x.is_cpu and plain(x) and not use_triton(x):
             done = _cpu_halve(x, threshold_in(x.dtype, threshold), exact_only=True)
             if done is not None:
                 return done[0], torch.tensor(done[1], dtype=torch.int32)
