@@ -75,7 +75,7 @@ def stubbed_gpu_path():
     previous = _backend.set_backend("auto")
     use_triton = _backend.use_triton
 
-    def use_triton_as_cuda(t):  # _backend.use_triton's questions for a CUDA tensor
+    def use_triton_as_cuda(t, *others):  # _backend.use_triton's questions, CUDA tensors
         if t.dtype not in _backend.KERNEL_DTYPES or (_backend.get_backend() == "auto"
                                                      and not t.is_cpu):
             return False
