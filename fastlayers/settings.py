@@ -18,6 +18,7 @@ Change a switch later with :func:`update` (e.g. ``fastlayers.settings.update(aut
 the hot paths read the parsed values, never the environment.
 """
 import os
+import sys
 from typing import Optional
 
 BACKENDS = ("auto", "torch", "triton")
@@ -129,4 +130,16 @@ def as_dict() -> dict:
     return {attr: globals()[attr] for attr, _k, _d in SETTINGS.values()}
 
 
-load()
+def _running_the_tour() -> bool:
+    """Whether this process is ``python -m fastlayers`` (importing the package first)."""
+    argv = getattr(sys, "orig_argv", [])
+    return any(a == "-m" and b == "fastlayers" for a, b in zip(argv, argv[1:]))
+
+
+try:
+    load()
+except ValueError as exc:  # a bad FASTLAYERS_* value: for the tour, a message and exit 2
+    if not _running_the_tour():  # (bad arguments), as for its own options
+        raise
+    print(f"python -m fastlayers: {exc}", file=sys.stderr)
+    sys.exit(2)

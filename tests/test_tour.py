@@ -87,6 +87,20 @@ def test_bad_arguments_exit_2(monkeypatch, capsys):
             "error: fastlayers: FASTLAYERS_BACKEND=triton on a CPU tensor needs TRITON_INTERPRET=1")
 
 
+@pytest.mark.parametrize("var, value", [("FASTLAYERS_BACKEND", "bogus"),
+                                        ("FASTLAYERS_CHECK", "maybe")])
+def test_a_bad_setting_is_one_line_and_exit_2(var, value):
+    """A bad FASTLAYERS_* value: the tour says which in one line and exits 2 (bad
+    arguments), no traceback; importing the library with it still raises ValueError."""
+    done = _run("--quick", env={var: value})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"python -m fastlayers: {var}") and value in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    imported = subprocess.run([sys.executable, "-c", "import fastlayers"], capture_output=True,
+                              text=True, env={**os.environ, var: value}, timeout=120)
+    assert imported.returncode == 1 and "ValueError" in imported.stderr
+
+
 def test_every_check_of_the_tour_can_fail(monkeypatch):
     """FASTLAYERS_TOUR_FAIL=all perturbs every result: each check must then FAIL (a check
     that stays ok could not catch a wrong answer)."""
