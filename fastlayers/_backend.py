@@ -30,6 +30,7 @@ import torch
 import torch.autograd.forward_ad as _fwd_ad
 
 from . import settings
+from ._validate import plain
 from .settings import BACKENDS  # noqa: F401  (re-exported)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -137,12 +138,6 @@ def _torch_only_context() -> bool:
     if isinstance(torch._C._functorch.peek_interpreter_stack(), _CInterpreter):
         return True
     return not torch.compiler.is_compiling() and _fwd_ad._current_level >= 0
-
-
-def plain(t: torch.Tensor) -> bool:
-    """Whether t is a plain tensor or Parameter: not a subclass (DTensor, an async
-    collective's result, a fake tensor), whose memory is not simply its values."""
-    return type(t) is torch.Tensor or type(t) is torch.nn.Parameter
 
 
 _CInterpreter = torch._C._functorch.CInterpreter  # a torch.func transform's level

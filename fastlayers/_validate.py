@@ -19,12 +19,18 @@ def check_float(op: str, name: str, t: torch.Tensor) -> None:
         )
 
 
+def plain(t: Tensor) -> bool:
+    """Whether t is a plain tensor or Parameter: not a subclass (DTensor, an async
+    collective's result, a fake tensor), whose memory is not simply its values."""
+    return type(t) is Tensor or type(t) is torch.nn.Parameter
+
+
 def check_not_dtensor(op: str, **tensors) -> None:
     """Refuse DTensors: the halving count is read off the bits of one global sum, and
     DTensor's sharded ops neither give that sum to a host read (one shard's) nor shift its
     bits right. (The plain path's check is one type test per tensor.)"""
     for name, t in tensors.items():
-        if t is None or type(t) is Tensor or type(t) is torch.nn.Parameter:
+        if t is None or plain(t):
             continue
         if torch.distributed.is_available():
             from torch.distributed.tensor import DTensor

@@ -7,6 +7,8 @@ as fast as eager torch and in float64 it is an independent high-precision refere
 import torch
 import torch.nn.functional as F
 
+from ._validate import plain
+
 _F16, _BF16 = torch.float16, torch.bfloat16
 
 
@@ -31,7 +33,7 @@ def _in_place_ok(y: torch.Tensor) -> bool:
     (torch.export) and torch.compile take the new tensor: no guard on the size. Never while
     ``torch.jit.trace`` records: its check re-runs the model under no_grad and must record
     the same graph. Values and gradients are the same either way."""
-    if _tracing_state() is not None or type(y) is not torch.Tensor:
+    if _tracing_state() is not None or not plain(y):
         return False  # (a subclass such as a Partial DTensor: its own rules for in-place)
     if not y.requires_grad:
         return True

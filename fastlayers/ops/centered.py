@@ -18,9 +18,7 @@ kernels = kernel_module("centered")
 
 
 def _fwd(x: Tensor, dims: List[int]) -> Tensor:
-    """dims: as :func:`normalize_dims` takes them ([] or all of x's dims: every element);
-    :func:`centered` passes them normalised, a direct call of the op may not."""
-    dims = normalize_dims("fastlayers::centered_fwd", x.dim(), dims)
+    """dims: distinct non-negative dims of x, sorted; [] means all elements."""
     if use_triton(x):
         return kernels.centered(x, dims)
     # Same numerics and output layout as the kernels: fp32 mean for 16-bit inputs,
@@ -28,7 +26,14 @@ def _fwd(x: Tensor, dims: List[int]) -> Tensor:
     return torch.sub(x, reference.centered_mean(x, dims), out=torch.empty_like(x))
 
 
-fwd_op = torch.library.custom_op("fastlayers::centered_fwd", _fwd, mutates_args=())
+def _op_fwd(x: Tensor, dims: List[int]) -> Tensor:
+    """The registered op: :func:`_fwd` for dims as :func:`normalize_dims` takes them (a
+    direct call may pass negative, unsorted or all dims; fastlayers' own eager calls run
+    :func:`_fwd` with dims :func:`centered` has normalised)."""
+    return _fwd(x, normalize_dims("fastlayers::centered_fwd", x.dim(), dims))
+
+
+fwd_op = torch.library.custom_op("fastlayers::centered_fwd", _op_fwd, mutates_args=())
 
 
 @fwd_op.register_fake
@@ -57,9 +62,8 @@ class CenteredFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, dims):
-        ctx.dims = normalize_dims("fastlayers::centered_fwd", x.dim(), dims)
-        ctx.backend = get_backend()
+    def forward(ctx, x, dims):  # dims: normalised by centered(), its only caller
+        ctx.dims, ctx.backend = dims, get_backend()
         return call(fwd_op, _fwd, x, dims)
 
     backward = staticmethod(_backward)

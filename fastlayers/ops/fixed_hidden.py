@@ -55,7 +55,8 @@ def _setup_context(ctx, inputs, output):
 
 @in_forward_backend
 def _backward(ctx, grad_out):
-    """Kernel for a plain backward (on the forward's backend); torch's differentiable composite under create_graph."""
+    """Kernel for a plain backward (on the forward's backend); torch's differentiable
+    composite under create_graph."""
     weight, out = ctx.saved_tensors
     grad_x = None
     if ctx.needs_input_grad[0]:

@@ -33,8 +33,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .._backend import _jit_tracing, _torch_only_context, kernel_module, plain, use_triton
-from .._validate import check_threshold
+from .._backend import _jit_tracing, _torch_only_context, kernel_module, use_triton
+from .._validate import check_threshold, plain
 from ._dispatch import call, eager, needs_grad
 
 kernels = kernel_module("halve_until")

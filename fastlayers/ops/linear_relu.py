@@ -74,8 +74,9 @@ def _setup_context(ctx, inputs, output):
 
 @in_forward_backend
 def _backward(ctx, grad_out):
-    """Kernels for a plain backward (on the forward's backend); torch's differentiable composite of the same formulas
-    when the gradient itself is differentiated (``create_graph=True``: grad mode is on)."""
+    """Kernels for a plain backward (on the forward's backend); torch's differentiable
+    composite of the same formulas when the gradient itself is differentiated
+    (``create_graph=True``: grad mode is on)."""
     x, weight, out = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     differentiable = torch.is_grad_enabled()
